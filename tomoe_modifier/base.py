@@ -1,0 +1,382 @@
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Literal
+
+import torch
+from compressed_tensors.utils import match_named_modules
+from llmcompressor.core import State
+from llmcompressor.modifiers import Modifier
+from loguru import logger
+from pydantic import Field, PrivateAttr, field_validator
+
+from tomoe_modifier.convert import convert_model, final_block_masks
+from tomoe_modifier.mappings import MLPLayout, get_layout
+from tomoe_modifier.precision import choose_compute_dtype
+from tomoe_modifier.router import ExpertHypernetwork, LayerRouter
+from tomoe_modifier.train import BudgetCounter, GatedMLPs, TrainSettings, train_routers
+
+__all__ = ["ToMoEModifier"]
+
+
+class ToMoEModifier(Modifier):
+    """
+    Convert each targeted dense MLP into a top-1 mixture of experts whose experts are
+    channel subsets of that MLP, with a fixed budget of active parameters and no
+    change to the model's weights (ToMoE, https://arxiv.org/abs/2501.15316).
+
+    Small routers and a hypernetwork (a bidirectional GRU that emits one embedding
+    per layer and expert) are trained on the calibration data against the frozen
+    model: self-distillation from the dense model (the same model with gates off)
+    plus a two-sided budget loss on the active-parameter ratio, an expert-union
+    coverage loss and a load-balance loss. The trained gates are then frozen
+    without noise and each MLP is sliced to the union of its experts.
+
+    Sample yaml:
+
+    ```yaml
+    tomoe_stage:
+      tomoe_modifiers:
+        ToMoEModifier:
+          target_active_ratio: 0.5
+          num_experts: 8
+          width_multiple: 64
+          epochs: 1
+    ```
+
+    Lifecycle:
+        - on_initialize
+            - validate the model and the calibration data (fail fast)
+            - attach routers and the hypernetwork; freeze the model
+            - train_routers (self-distillation + budget + union + balance)
+            - convert_model: slice MLPs into ToMoESparseMLP, swap config/class
+        - on_finalize
+            - nothing (all work is done before any calibration pipeline runs, so a
+              quantization modifier later in the recipe sees the experts)
+
+    :param targets: MLP modules to convert (matched against ``model.layers.N.mlp``)
+    :param ignore: MLP modules to leave dense
+    :param num_experts: experts per converted MLP, at least 2
+    :param target_active_ratio: active attention+MLP parameters per token divided by
+        the dense count, in (0, 1]; attention stays dense, so it must exceed the
+        attention share
+    :param width_multiple: channel block size; experts are trained and stored in
+        whole blocks, so every width is a multiple (use the quantization group size)
+    :param epochs: passes over the calibration set (ignored if ``iters`` is set)
+    :param iters: optimizer steps; defaults to ``epochs`` passes over the data
+    :param lr: AdamW learning rate of the routers and hypernetwork
+    :param weight_decay: AdamW weight decay
+    :param distill_weight: weight of KL(dense || gated) (the official code uses 2)
+    :param budget_weight: weight of |log(active_ratio / target_active_ratio)|
+    :param union_weight: weight of the expert-union coverage loss
+    :param balance_weight: weight of the load-balance loss
+    :param temperature: Gumbel-softmax / Gumbel-sigmoid temperature
+    :param mask_offset: logit offset that makes training start from the dense model
+    :param compute_dtype: "auto" picks bfloat16 where the device runs it fast;
+        routers always stay in float32
+    :param seed: seeds router initialisation and the Gumbel noise
+    :param log_every: log one line of losses every this many steps
+    :param report_path: optional JSON file for the loss history and expert layout
+    """
+
+    requires_calibration_data: bool = False  # ToMoE runs its own loop in on_initialize
+
+    targets: list[str] = Field(default_factory=lambda: ["re:.*mlp$"])
+    ignore: list[str] = Field(default_factory=list)
+    num_experts: int = 8
+    target_active_ratio: float = 0.5
+    width_multiple: int = 64
+    epochs: int = 1
+    iters: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    distill_weight: float = 2.0
+    budget_weight: float = 16.0
+    union_weight: float = 3.0
+    balance_weight: float = 1.0
+    temperature: float = 0.4
+    mask_offset: float = 3.0
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    seed: int = 0
+    log_every: int = 10
+    report_path: str | None = None
+
+    # private variables
+    _report: dict = PrivateAttr(default_factory=dict)
+
+    # -- validation ------------------------------------------------------------
+
+    @field_validator("targets", "ignore", mode="before")
+    @classmethod
+    def _as_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("num_experts")
+    @classmethod
+    def _check_num_experts(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError(f"num_experts must be >= 2, got {value}")
+        return value
+
+    @field_validator("target_active_ratio")
+    @classmethod
+    def _check_ratio(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError(f"target_active_ratio must be in (0, 1], got {value}")
+        return value
+
+    @field_validator("width_multiple", "epochs", "log_every")
+    @classmethod
+    def _check_positive(cls, value: int, info) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
+        return value
+
+    @field_validator("iters")
+    @classmethod
+    def _check_iters(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"iters must be >= 1 or None, got {value}")
+        return value
+
+    @field_validator("lr", "temperature")
+    @classmethod
+    def _check_positive_float(cls, value: float, info) -> float:
+        if not value > 0:
+            raise ValueError(f"{info.field_name} must be > 0, got {value}")
+        return value
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        model = state.model
+        self._check_not_quantized(model)
+        arch, layout = get_layout(model)
+        indices, mlps = self._find_target_mlps(model, layout)
+        loader = self._check_calibration_data(state.data.calib)
+        block = self.width_multiple
+        budget = self._budget_counter(model, layout, indices)
+        self._check_feasible(budget, mlps, layout)
+
+        device = next(model.parameters()).device
+        dtype = self._resolve_dtype(device)
+        steps = self.iters or self.epochs * len(loader)
+        logger.info(
+            f"ToMoE initialized: {arch}, {len(mlps)} MLPs -> {self.num_experts} "
+            f"experts each, blocks of {block} channels, target active ratio "
+            f"{self.target_active_ratio} (attention+router floor "
+            f"{budget.ratio(0):.3f}), {steps} steps, compute {dtype}"
+        )
+
+        hidden = model.config.hidden_size
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            torch.manual_seed(self.seed)
+            hypernet = ExpertHypernetwork(len(mlps), self.num_experts).to(device)
+            routers = [
+                LayerRouter(
+                    hidden,
+                    self.num_experts,
+                    getattr(m, layout.gate_proj).out_features // block,
+                    hypernet.embedding_dim,
+                    self.mask_offset,
+                ).to(device)
+                for m in mlps
+            ]
+            settings = TrainSettings(
+                steps=steps,
+                lr=self.lr,
+                weight_decay=self.weight_decay,
+                target_active_ratio=self.target_active_ratio,
+                distill_weight=self.distill_weight,
+                budget_weight=self.budget_weight,
+                union_weight=self.union_weight,
+                balance_weight=self.balance_weight,
+                temperature=self.temperature,
+                compute_dtype=dtype,
+                log_every=self.log_every,
+                seed=self.seed,
+            )
+            downs = [getattr(m, layout.down_proj) for m in mlps]
+            gates = GatedMLPs(mlps, downs, routers, block, self.temperature)
+            grad_flags = {p: p.requires_grad for p in model.parameters()}
+            was_training = model.training
+            model.requires_grad_(False)
+            model.eval()
+            try:
+                with gates:
+                    report = train_routers(
+                        model, gates, hypernet, budget, loader, settings, device
+                    )
+            finally:
+                for p, flag in grad_flags.items():
+                    p.requires_grad_(flag)
+                model.train(was_training)
+
+        hypernet.eval()
+        for r in routers:
+            r.eval()
+        masks = final_block_masks(hypernet, routers, self.temperature)
+        union = convert_model(
+            model, arch, layout, indices, routers, masks, block, self.num_experts
+        )
+        widths = [(m.sum(dim=1) * block).tolist() for m in masks]
+        worst = budget.ratio(
+            budget.worst_case_params([torch.tensor(w) for w in widths])
+        )
+        mean_width = budget.ratio(
+            budget.expert_params(
+                [torch.tensor(w, dtype=torch.float) for w in widths],
+                [torch.full((self.num_experts,), 1 / self.num_experts)] * len(widths),
+            )
+        )
+        self._report = {
+            "architecture": arch,
+            "target_active_ratio": self.target_active_ratio,
+            "layers": indices,
+            "union_sizes": union,
+            "expert_widths": widths,
+            "active_ratio_uniform_routing": float(mean_width),
+            "active_ratio_worst_case": float(worst),
+            "compute_dtype": str(dtype),
+            **report,
+        }
+        logger.info(
+            f"ToMoE done in {report['train_seconds']:.0f}s on {report['tokens']} "
+            f"tokens: active ratio {float(mean_width):.3f} with uniform routing, "
+            f"{float(worst):.3f} worst case (target {self.target_active_ratio})"
+        )
+        self._write_report()
+        return True
+
+    @property
+    def report(self) -> dict:
+        """Training history and expert layout of the last run."""
+        return self._report
+
+    # -- helpers ----------------------------------------------------------------
+
+    @staticmethod
+    def _check_not_quantized(model) -> None:
+        if any(hasattr(m, "quantization_scheme") for m in model.modules()):
+            raise ValueError(
+                "ToMoEModifier found modules that already carry a quantization "
+                "scheme. ToMoEModifier must come before quantization modifiers in "
+                "the recipe, so that they quantize the converted experts."
+            )
+
+    def _find_target_mlps(self, model, layout: MLPLayout):
+        layers = model.get_submodule(layout.layers)
+        names = {
+            f"{layout.layers}.{i}.{layout.mlp}": i for i in range(len(layers))
+        }
+        matched = {
+            n for n, _ in match_named_modules(model, self.targets, self.ignore)
+        }
+        indices = sorted(names[n] for n in matched if n in names)
+        if not indices:
+            raise ValueError(
+                f"targets {self.targets} (ignore {self.ignore}) matched no MLP; "
+                f"MLPs are named like '{layout.layers}.0.{layout.mlp}'"
+            )
+        mlps = [getattr(layers[i], layout.mlp) for i in indices]
+        for i, mlp in zip(indices, mlps):
+            width = getattr(mlp, layout.gate_proj).out_features
+            if width % self.width_multiple:
+                raise ValueError(
+                    f"width_multiple must divide the MLP width of "
+                    f"{layout.layers}.{i}.{layout.mlp} ({width}), got "
+                    f"{self.width_multiple}; choose a divisor such as 64 or 128"
+                )
+            if width // self.width_multiple < 2:
+                raise ValueError(
+                    f"width_multiple {self.width_multiple} leaves "
+                    f"{layout.layers}.{i}.{layout.mlp} ({width} channels) fewer than "
+                    "2 blocks, so expert widths would round to the whole MLP or to "
+                    "zero; use a smaller width_multiple"
+                )
+        return indices, mlps
+
+    @staticmethod
+    def _check_calibration_data(loader):
+        if loader is None:
+            raise ValueError(
+                "ToMoEModifier trains on calibration data, but none was given: pass "
+                "dataset=... (and num_calibration_samples) to oneshot"
+            )
+        if len(loader) == 0:
+            raise ValueError(
+                "ToMoEModifier got an empty calibration dataset; pass a dataset with "
+                "at least one sample"
+            )
+        batch = next(iter(loader))
+        length = batch["input_ids"].shape[-1]
+        if length < 2:
+            raise ValueError(
+                f"calibration sequences must have at least 2 tokens to distil "
+                f"next-token predictions, got {length}; raise max_seq_length or use "
+                "longer texts"
+            )
+        return loader
+
+    def _budget_counter(self, model, layout: MLPLayout, indices: list[int]):
+        layers = model.get_submodule(layout.layers)
+        attention = sum(
+            p.numel()
+            for layer in layers
+            for p in getattr(layer, layout.attention).parameters()
+        )
+        per_channel, full, dense_mlp = [], [], 0
+        for i, layer in enumerate(layers):
+            mlp = getattr(layer, layout.mlp)
+            size = sum(
+                p.numel()
+                for name in (layout.gate_proj, layout.up_proj, layout.down_proj)
+                for p in getattr(mlp, name).parameters()
+            )
+            if i in indices:
+                width = getattr(mlp, layout.gate_proj).out_features
+                down_bias = getattr(mlp, layout.down_proj).bias
+                fixed = 0 if down_bias is None else down_bias.numel()
+                per_channel.append((size - fixed) // width)
+                full.append(size)
+                dense_mlp += fixed  # the down bias is always executed
+            else:
+                dense_mlp += size
+        hidden = model.config.hidden_size
+        return BudgetCounter(
+            attention_params=attention,
+            dense_mlp_params=dense_mlp,
+            router_params=hidden * self.num_experts * len(indices),
+            params_per_channel=per_channel,
+            full_mlp_params=full,
+            block_size=self.width_multiple,
+        )
+
+    def _check_feasible(self, budget: BudgetCounter, mlps, layout) -> None:
+        floor = budget.ratio(
+            sum(c * self.width_multiple for c in budget.params_per_channel)
+        )
+        if self.target_active_ratio <= floor:
+            raise ValueError(
+                f"target_active_ratio {self.target_active_ratio} is not reachable: "
+                f"attention, routers and one {self.width_multiple}-channel block per "
+                f"expert already give {floor:.3f} of the dense parameters (attention "
+                "stays dense). Raise target_active_ratio or lower width_multiple"
+            )
+
+    def _resolve_dtype(self, device: torch.device) -> torch.dtype:
+        if self.compute_dtype == "auto":
+            return choose_compute_dtype(device)
+        return getattr(torch, self.compute_dtype)
+
+    def _write_report(self) -> None:
+        if not self.report_path:
+            return
+        path = os.path.abspath(self.report_path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{time.time_ns()}"
+        with open(tmp, "w") as f:
+            json.dump(self._report, f, indent=2)
+        os.replace(tmp, path)

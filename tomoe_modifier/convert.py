@@ -1,0 +1,151 @@
+"""Module surgery: replace trained gated MLPs by ToMoESparseMLP and edit the config.
+
+Deterministic by construction: routing is the router's argmax and expert masks are
+the thresholded decoder logits (no Gumbel noise), so the converted model computes
+exactly what the trained gates compute with noise off.
+Dimension legend: D hidden, I intermediate, U union width, E experts, N blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from loguru import logger
+from torch import nn
+
+from tomoe_modifier.mappings import MLPLayout
+from tomoe_modifier.modeling_tomoe import TOMOE_ARCHITECTURES, ToMoESparseMLP
+from tomoe_modifier.router import ExpertHypernetwork, LayerRouter
+
+__all__ = [
+    "final_block_masks",
+    "order_union_blocks",
+    "build_sparse_mlp",
+    "convert_model",
+]
+
+
+@torch.no_grad()
+def final_block_masks(
+    hypernet: ExpertHypernetwork, routers: list[LayerRouter], temperature: float
+) -> list[torch.Tensor]:
+    """Noise-free expert keep-masks per converted layer, each bool [E, N]."""
+    embeddings = hypernet()  # [L, E, K]
+    return [
+        r.block_masks(embeddings[i], temperature, noise=False).bool()
+        for i, r in enumerate(routers)
+    ]
+
+
+def order_union_blocks(masks: torch.Tensor) -> list[int]:
+    """
+    Storage order for the blocks any expert uses, chosen so each expert covers few
+    contiguous runs: blocks with the same expert membership sit together, and
+    each next group differs least from the previous one. masks: bool [E, N].
+    """
+    used = masks.any(dim=0).nonzero().flatten().tolist()
+    groups: dict[tuple, list[int]] = {}
+    for j in used:
+        groups.setdefault(tuple(masks[:, j].tolist()), []).append(j)
+    remaining = sorted(groups, key=lambda s: (-sum(s), s))
+    order: list[int] = []
+    current = None
+    while remaining:
+        if current is None:
+            nxt = remaining[0]
+        else:
+            nxt = min(
+                remaining,
+                key=lambda s: (sum(a != b for a, b in zip(s, current)), -sum(s)),
+            )
+        remaining.remove(nxt)
+        order.extend(groups[nxt])
+        current = nxt
+    return order
+
+
+@torch.no_grad()
+def build_sparse_mlp(
+    mlp: nn.Module,
+    layout: MLPLayout,
+    router: nn.Linear,
+    masks: torch.Tensor,
+    block_size: int,
+    hidden_act: str,
+) -> ToMoESparseMLP:
+    """Slice a dense gated MLP to the union of its experts. masks: bool [E, N]."""
+    gate = getattr(mlp, layout.gate_proj)
+    up = getattr(mlp, layout.up_proj)
+    down = getattr(mlp, layout.down_proj)
+    order = order_union_blocks(masks)
+    blocks = torch.tensor(order, dtype=torch.long)
+    channels = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()
+    num_experts, hidden = masks.shape[0], gate.in_features
+    union = channels.numel()
+    moe = ToMoESparseMLP(
+        hidden, union, num_experts, block_size, hidden_act, bias=gate.bias is not None
+    )
+    moe.to(device=gate.weight.device, dtype=gate.weight.dtype)
+    channels = channels.to(gate.weight.device)
+    gate_up = torch.stack([gate.weight[channels], up.weight[channels]], dim=1)
+    moe.gate_up_proj.weight.copy_(gate_up.reshape(2 * union, hidden))  # [2U, D]
+    moe.down_proj.weight.copy_(down.weight[:, channels])  # [D, U]
+    if gate.bias is not None:
+        gate_up_bias = torch.stack([gate.bias[channels], up.bias[channels]], dim=1)
+        moe.gate_up_proj.bias.copy_(gate_up_bias.flatten())
+        moe.down_proj.bias.copy_(down.bias)
+    moe.router.weight.copy_(router.weight.to(moe.router.weight.dtype))
+    moe.expert_blocks.copy_(masks[:, blocks.to(masks.device)])
+    moe.requires_grad_(False)
+    return moe
+
+
+def convert_model(
+    model: nn.Module,
+    arch: str,
+    layout: MLPLayout,
+    layer_indices: list[int],
+    routers: list[LayerRouter],
+    masks: list[torch.Tensor],
+    block_size: int,
+    num_experts: int,
+) -> list[int]:
+    """
+    Replace the MLPs of ``layer_indices`` in place and turn ``model`` into the
+    registered ToMoE architecture. Returns the union width of each converted layer.
+    """
+    config = model.config
+    layers = model.get_submodule(layout.layers)
+    union_sizes: list[int | None] = [None] * len(layers)
+    for index, router, mask in zip(layer_indices, routers, masks):
+        layer = layers[index]
+        dense = getattr(layer, layout.mlp)
+        moe = build_sparse_mlp(
+            dense, layout, router.router, mask, block_size, config.hidden_act
+        )
+        setattr(layer, layout.mlp, moe)
+        union_sizes[index] = moe.union_size
+        widths = moe.expert_widths().tolist()
+        logger.info(
+            f"ToMoE converted {layout.layers}.{index}.{layout.mlp}: "
+            f"{dense_width(dense, layout)} -> union {moe.union_size} channels, "
+            f"expert widths {widths}, {len(sum(moe.expert_ranges(), []))} ranges"
+        )
+    config_cls, model_cls = TOMOE_ARCHITECTURES[arch]
+    old_type = config.model_type
+    config.__class__ = config_cls  # in place: every module holding it sees the change
+    if "model_type" in vars(config):  # from_pretrained may pin it on the instance
+        config.model_type = config_cls.model_type
+    config.num_experts = num_experts
+    config.moe_block_size = block_size
+    config.moe_union_sizes = union_sizes
+    config.architectures = [model_cls.__name__]
+    model.__class__ = model_cls
+    logger.info(
+        f"Updated config.model_type: {old_type} -> {config.model_type}; "
+        f"architectures -> {config.architectures}"
+    )
+    return [u for u in union_sizes if u is not None]
+
+
+def dense_width(mlp: nn.Module, layout: MLPLayout) -> int:
+    return getattr(mlp, layout.gate_proj).out_features

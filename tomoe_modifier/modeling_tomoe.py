@@ -1,0 +1,298 @@
+"""Converted ToMoE models: dense decoder models whose MLPs are top-1 mixtures of experts.
+
+This file is self-contained on purpose: ``save_pretrained`` copies it beside the
+checkpoint (``auto_map``), so ``trust_remote_code=True`` loads a converted model
+without the ``tomoe_modifier`` package. It may import only torch and transformers.
+
+Each expert is a subset of channel blocks of one shared "union" MLP (the channels
+any expert uses), so overlapping experts are stored once. Per-layer union widths,
+the expert count and the block size live in ``config.json``; which blocks each
+expert uses is the ``expert_blocks`` buffer in the state dict.
+
+Dimension legend: T tokens, D hidden, U union width, E experts, B block size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+from transformers.activations import ACT2FN
+
+try:  # llm-compressor is optional at inference time
+    from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
+except ImportError:  # pragma: no cover - exercised only without llm-compressor
+
+    def get_calibrate_all_experts_flag() -> bool:
+        return False
+
+
+__all__ = [
+    "ToMoESparseMLP",
+    "ToMoELlamaConfig",
+    "ToMoELlamaForCausalLM",
+    "ToMoEMistralConfig",
+    "ToMoEMistralForCausalLM",
+    "ToMoEQwen2Config",
+    "ToMoEQwen2ForCausalLM",
+    "ToMoEQwen3Config",
+    "ToMoEQwen3ForCausalLM",
+    "TOMOE_ARCHITECTURES",
+    "blocks_to_ranges",
+]
+
+
+def blocks_to_ranges(blocks: list[bool], block_size: int) -> list[tuple[int, int]]:
+    """Contiguous channel ranges [start, end) covered by the True blocks."""
+    ranges: list[tuple[int, int]] = []
+    start = None
+    for i, on in enumerate(list(blocks) + [False]):
+        if on and start is None:
+            start = i
+        elif not on and start is not None:
+            ranges.append((start * block_size, i * block_size))
+            start = None
+    return ranges
+
+
+class ToMoESparseMLP(nn.Module):
+    """
+    Top-1 mixture of experts whose experts are channel subsets of one gated MLP.
+
+    ``gate_up_proj`` holds gate and up rows interleaved (row 2c is gate channel c,
+    row 2c+1 its up channel), so a contiguous channel range is one contiguous
+    weight slice. The router output is used only for its argmax: the chosen
+    expert's output is not scaled, exactly as ToMoE trains it.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        union_size: int,
+        num_experts: int,
+        block_size: int,
+        hidden_act: str = "silu",
+        bias: bool = False,
+    ):
+        super().__init__()
+        if union_size % block_size:
+            raise ValueError(
+                f"union_size must be a multiple of block_size, got {union_size} "
+                f"and {block_size}"
+            )
+        self.hidden_size = hidden_size
+        self.union_size = union_size
+        self.num_experts = num_experts
+        self.block_size = block_size
+        self.router = nn.Linear(hidden_size, num_experts, bias=False)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * union_size, bias=bias)
+        self.down_proj = nn.Linear(union_size, hidden_size, bias=bias)
+        self.act_fn = ACT2FN[hidden_act]
+        blocks = torch.ones(num_experts, union_size // block_size, dtype=torch.bool)
+        self.register_buffer("expert_blocks", blocks)
+        self._ranges_key: tuple | None = None
+        self._ranges: list[list[tuple[int, int]]] = []
+
+    # -- structure ---------------------------------------------------------------
+
+    def expert_ranges(self) -> list[list[tuple[int, int]]]:
+        """Per expert, its channel ranges in union coordinates (cached)."""
+        key = (self.expert_blocks.data_ptr(), self.expert_blocks._version)
+        if key != self._ranges_key:
+            rows = self.expert_blocks.detach().cpu().tolist()
+            self._ranges = [blocks_to_ranges(r, self.block_size) for r in rows]
+            self._ranges_key = key
+        return self._ranges
+
+    def expert_widths(self) -> torch.Tensor:
+        """Channels per expert, shape [E]."""
+        return self.expert_blocks.sum(dim=1) * self.block_size
+
+    def channel_mask(self) -> torch.Tensor:
+        """Per expert, which union channels it uses, shape [E, U]."""
+        return self.expert_blocks.repeat_interleave(self.block_size, dim=1)
+
+    # -- forward -----------------------------------------------------------------
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, self.hidden_size)  # [T, D]
+        expert_ids = self.router(x).argmax(dim=-1)  # [T]
+        if self._can_slice_weights(x):
+            y = self._forward_sliced(x, expert_ids)
+        else:
+            y = self._forward_masked(x, expert_ids)
+        return y.view(shape)
+
+    def _can_slice_weights(self, x: torch.Tensor) -> bool:
+        # Slicing reads the raw weights; quantized or wrapped Linears and
+        # calibration (where every expert must see every token) use the masked path.
+        if x.device.type != "cpu" or get_calibrate_all_experts_flag():
+            return False
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return False
+        linears = (self.gate_up_proj, self.down_proj)
+        return all(
+            type(m) is nn.Linear and not hasattr(m, "quantization_scheme")
+            for m in linears
+        )
+
+    def _forward_masked(self, x: torch.Tensor, expert_ids: torch.Tensor):
+        """Reference path: full union width, then the token's expert mask."""
+        gate_up = self.gate_up_proj(x).view(-1, self.union_size, 2)  # [T, U, 2]
+        h = self.act_fn(gate_up[..., 0]) * gate_up[..., 1]  # [T, U]
+        mask = self.channel_mask()[expert_ids].to(h.dtype)  # [T, U]
+        if get_calibrate_all_experts_flag():
+            # let observers of down_proj see every channel on every token, as
+            # llm-compressor's MoE calibration does; the output uses only routed ones
+            self.down_proj(h)
+            weight, bias = self.down_proj.weight, self.down_proj.bias
+            return F.linear(h * mask, weight.to(h.dtype), bias)
+        return self.down_proj(h * mask)
+
+    def _forward_sliced(self, x: torch.Tensor, expert_ids: torch.Tensor):
+        """Fast path: each expert multiplies only its contiguous weight slices."""
+        ranges = self.expert_ranges()
+        w_gate_up, b_gate_up = self.gate_up_proj.weight, self.gate_up_proj.bias
+        w_down = self.down_proj.weight  # [D, U]
+        num_tokens = x.shape[0]
+        out = x.new_zeros(num_tokens, self.hidden_size)  # [T, D]
+        if num_tokens == 1:
+            groups = [(int(expert_ids[0]), None)]
+        else:
+            order = torch.argsort(expert_ids, stable=True)
+            counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
+            groups, start = [], 0
+            for e, count in enumerate(counts):
+                if count:
+                    groups.append((e, order[start : start + count]))
+                start += count
+        for e, index in groups:
+            xe = x if index is None else x.index_select(0, index)  # [Te, D]
+            ye = out if index is None else xe.new_zeros(xe.shape[0], self.hidden_size)
+            for a, b in ranges[e]:
+                bias = None if b_gate_up is None else b_gate_up[2 * a : 2 * b]
+                gate_up = F.linear(xe, w_gate_up[2 * a : 2 * b], bias)  # [Te, 2w]
+                gate_up = gate_up.view(-1, b - a, 2)
+                h = self.act_fn(gate_up[..., 0]) * gate_up[..., 1]  # [Te, w]
+                ye.addmm_(h, w_down[:, a:b].t())
+            if index is not None:
+                out.index_copy_(0, index, ye)
+        if self.down_proj.bias is not None:
+            out += self.down_proj.bias
+        return out
+
+
+def _replace_mlps(model: nn.Module, config) -> None:
+    """Swap each decoder layer's MLP for a ToMoESparseMLP sized from the config."""
+    if config.moe_union_sizes is None:
+        return
+    layers = model.model.layers
+    if len(config.moe_union_sizes) != len(layers):
+        raise ValueError(
+            f"moe_union_sizes has {len(config.moe_union_sizes)} entries but the "
+            f"model has {len(layers)} layers; the config.json is inconsistent"
+        )
+    bias = bool(getattr(config, "mlp_bias", False))
+    for layer, union in zip(layers, config.moe_union_sizes):
+        if union is None:  # layer left dense
+            continue
+        layer.mlp = ToMoESparseMLP(
+            config.hidden_size,
+            union,
+            config.num_experts,
+            config.moe_block_size,
+            config.hidden_act,
+            bias=bias,
+        )
+
+
+class ToMoELlamaConfig(LlamaConfig):
+    """LlamaConfig plus the per-layer ToMoE expert layout."""
+
+    model_type = "tomoe_llama"
+    num_experts: int = 8
+    moe_block_size: int = 64
+    moe_union_sizes: list | None = None
+
+
+class ToMoELlamaForCausalLM(LlamaForCausalLM):
+    config_class = ToMoELlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _replace_mlps(self, config)
+        self.post_init()
+
+
+class ToMoEMistralConfig(MistralConfig):
+    """MistralConfig plus the per-layer ToMoE expert layout."""
+
+    model_type = "tomoe_mistral"
+    num_experts: int = 8
+    moe_block_size: int = 64
+    moe_union_sizes: list | None = None
+
+
+class ToMoEMistralForCausalLM(MistralForCausalLM):
+    config_class = ToMoEMistralConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _replace_mlps(self, config)
+        self.post_init()
+
+
+class ToMoEQwen2Config(Qwen2Config):
+    """Qwen2Config plus the per-layer ToMoE expert layout."""
+
+    model_type = "tomoe_qwen2"
+    num_experts: int = 8
+    moe_block_size: int = 64
+    moe_union_sizes: list | None = None
+
+
+class ToMoEQwen2ForCausalLM(Qwen2ForCausalLM):
+    config_class = ToMoEQwen2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        _replace_mlps(self, config)
+        self.post_init()
+
+
+class ToMoEQwen3Config(Qwen3Config):
+    """Qwen3Config plus the per-layer ToMoE expert layout."""
+
+    model_type = "tomoe_qwen3"
+    num_experts: int = 8
+    moe_block_size: int = 64
+    moe_union_sizes: list | None = None
+
+
+class ToMoEQwen3ForCausalLM(Qwen3ForCausalLM):
+    config_class = ToMoEQwen3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        _replace_mlps(self, config)
+        self.post_init()
+
+
+# dense class name -> (ToMoE config class, ToMoE model class)
+TOMOE_ARCHITECTURES = {
+    "LlamaForCausalLM": (ToMoELlamaConfig, ToMoELlamaForCausalLM),
+    "MistralForCausalLM": (ToMoEMistralConfig, ToMoEMistralForCausalLM),
+    "Qwen2ForCausalLM": (ToMoEQwen2Config, ToMoEQwen2ForCausalLM),
+    "Qwen3ForCausalLM": (ToMoEQwen3Config, ToMoEQwen3ForCausalLM),
+}

@@ -1,0 +1,302 @@
+"""The ToMoE training loop: routers and hypernetwork against the frozen dense model.
+
+One step = dense teacher forward (gates off, no grad) + gated student forward +
+backward into the router parameters only. Dimension legend: T tokens, E experts,
+N channel blocks, B block size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from loguru import logger
+from torch import nn
+from tqdm.auto import tqdm
+
+from tomoe_modifier.router import ExpertHypernetwork, LayerRouter
+
+__all__ = [
+    "BudgetCounter",
+    "GatedMLPs",
+    "TrainSettings",
+    "distillation_loss",
+    "union_loss",
+    "balance_loss",
+    "train_routers",
+]
+
+
+@dataclass
+class TrainSettings:
+    steps: int
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    target_active_ratio: float = 0.5
+    distill_weight: float = 2.0
+    budget_weight: float = 16.0
+    union_weight: float = 3.0
+    balance_weight: float = 1.0
+    temperature: float = 0.4
+    compute_dtype: torch.dtype = torch.float32
+    log_every: int = 10
+    seed: int = 0
+
+
+@dataclass
+class BudgetCounter:
+    """
+    Active parameters per token, counted as the converted model executes them:
+    every attention weight, the router, and 3 weights per kept MLP channel of the
+    token's expert. Dense reference: attention + full MLPs (the paper's ratio).
+    """
+
+    attention_params: int
+    dense_mlp_params: int  # MLPs ToMoE leaves dense (ignored layers)
+    router_params: int
+    params_per_channel: list[int]  # per converted layer
+    full_mlp_params: list[int]  # per converted layer, before conversion
+    block_size: int = 1
+
+    @property
+    def dense_total(self) -> int:
+        return self.attention_params + self.dense_mlp_params + sum(self.full_mlp_params)
+
+    def fixed_params(self) -> int:
+        return self.attention_params + self.dense_mlp_params + self.router_params
+
+    def ratio(self, expert_params: torch.Tensor | float) -> torch.Tensor | float:
+        return (self.fixed_params() + expert_params) / self.dense_total
+
+    def expert_params(self, widths: list[torch.Tensor], usage: list[torch.Tensor]):
+        """widths[l]: channels per expert [E]; usage[l]: token share per expert [E]."""
+        total = 0.0
+        for per_channel, w, f in zip(self.params_per_channel, widths, usage):
+            total = total + per_channel * (w * f).sum()
+        return total
+
+    def worst_case_params(self, widths: list[torch.Tensor]) -> float:
+        return float(
+            sum(c * float(w.max()) for c, w in zip(self.params_per_channel, widths))
+        )
+
+
+class GatedMLPs:
+    """
+    Hooks that turn dense MLPs into their gated ToMoE form during training:
+    route each token from the MLP input, then zero the channels its expert drops
+    right before ``down_proj``. ``enabled=False`` gives the dense teacher.
+    """
+
+    def __init__(
+        self,
+        mlps: list[nn.Module],
+        down_projs: list[nn.Module],
+        routers: list[LayerRouter],
+        block_size: int,
+        temperature: float,
+    ):
+        self.mlps, self.down_projs, self.routers = mlps, down_projs, routers
+        self.block_size = block_size
+        self.temperature = temperature
+        self.enabled = True
+        self.noise = True
+        self.block_masks: list[torch.Tensor] = []  # per layer [E, N]
+        self.choices: list[torch.Tensor | None] = [None] * len(mlps)  # [T, E]
+        self.probs: list[torch.Tensor | None] = [None] * len(mlps)  # [T, E]
+        self._handles: list = []
+
+    def __enter__(self) -> "GatedMLPs":
+        for i, (mlp, down) in enumerate(zip(self.mlps, self.down_projs)):
+            self._handles.append(mlp.register_forward_pre_hook(self._route_hook(i)))
+            self._handles.append(down.register_forward_pre_hook(self._mask_hook(i)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _route_hook(self, index: int):
+        def hook(module, args):
+            if not self.enabled:
+                return None
+            x = args[0]
+            choice, probs = self.routers[index].route(
+                x.reshape(-1, x.shape[-1]), self.temperature, self.noise
+            )
+            self.choices[index], self.probs[index] = choice, probs
+            return None
+
+        return hook
+
+    def _mask_hook(self, index: int):
+        def hook(module, args):
+            if not self.enabled:
+                return None
+            h = args[0]  # [..., I]
+            token_blocks = self.choices[index] @ self.block_masks[index]  # [T, N]
+            mask = token_blocks.repeat_interleave(self.block_size, dim=-1)  # [T, I]
+            return (h * mask.view(h.shape).to(h.dtype),)
+
+        return hook
+
+
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Forward KL(teacher || student) per token in fp32, mean over valid tokens."""
+    log_p_s = F.log_softmax(student.float(), dim=-1)  # [T, V]
+    log_p_t = F.log_softmax(teacher.float(), dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)  # [T]
+    return (kl * valid).sum() / valid.sum().clamp_min(1)
+
+
+def union_loss(block_masks: torch.Tensor) -> torch.Tensor:
+    """Push the union of the experts to cover the whole MLP. masks: [E, N]."""
+    union = 1 - torch.prod(1 - block_masks, dim=0)  # [N]
+    return torch.log(1.001 / (union.mean() + 0.001))
+
+
+def balance_loss(
+    choice: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Switch-style E * sum_e f_e P_e over valid tokens; 1.0 when balanced."""
+    weights = valid[:, None] / valid.sum().clamp_min(1)  # [T, 1]
+    share = (choice.detach() * weights).sum(dim=0)  # [E]
+    mean_prob = (probs * weights).sum(dim=0)  # [E]
+    return choice.shape[-1] * (share * mean_prob).sum()
+
+
+def _batches(loader, steps: int):
+    """Cycle the calibration loader (each pass reshuffles) for ``steps`` batches."""
+    return itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), steps)
+
+
+def train_routers(
+    model: nn.Module,
+    gates: GatedMLPs,
+    hypernet: ExpertHypernetwork,
+    budget: BudgetCounter,
+    loader,
+    settings: TrainSettings,
+    device: torch.device,
+) -> dict:
+    """
+    Train ``hypernet`` and the routers in ``gates`` by self-distillation plus the
+    budget, union and balance losses. Returns a report with the loss history.
+    """
+    params = list(hypernet.parameters()) + [
+        p for r in gates.routers for p in r.parameters()
+    ]
+    optimizer = torch.optim.AdamW(
+        params, lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    use_autocast = settings.compute_dtype != torch.float32
+    history: list[dict] = []
+    tokens_seen = 0
+    start = time.perf_counter()
+    progress = tqdm(total=settings.steps, desc="ToMoE training", unit="step")
+    hypernet.train()
+    for r in gates.routers:
+        r.train()
+    autocast = (
+        torch.autocast(device.type, dtype=settings.compute_dtype)
+        if use_autocast
+        else contextlib.nullcontext()
+    )
+    with torch.enable_grad(), autocast:
+        for step, batch in enumerate(_batches(loader, settings.steps)):
+            input_ids = batch["input_ids"].to(device)
+            attention_mask = batch.get("attention_mask")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            attention_mask = attention_mask.to(device)
+            valid = attention_mask.reshape(-1).float()  # [T]
+            tokens_seen += int(valid.sum())
+
+            gates.enabled = False
+            with torch.no_grad():
+                teacher = model(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                ).logits
+            gates.enabled = True
+            embeddings = hypernet()  # [L, E, K]
+            gates.block_masks = [
+                r.block_masks(embeddings[i], settings.temperature, noise=True)
+                for i, r in enumerate(gates.routers)
+            ]
+            student = model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).logits
+            vocab = student.shape[-1]
+            kd = distillation_loss(
+                student.reshape(-1, vocab), teacher.reshape(-1, vocab), valid
+            )
+            widths = [m.sum(dim=1) * budget.block_size for m in gates.block_masks]
+            usage = [
+                (c * valid[:, None]).sum(0) / valid.sum().clamp_min(1)
+                for c in gates.choices
+            ]
+            ratio = budget.ratio(budget.expert_params(widths, usage))
+            p = settings.target_active_ratio
+            budget_term = torch.abs(torch.log((ratio + 1e-3) / (p + 1e-3)))
+            union_term = torch.stack([union_loss(m) for m in gates.block_masks]).mean()
+            balance_term = torch.stack(
+                [balance_loss(c, q, valid) for c, q in zip(gates.choices, gates.probs)]
+            ).mean()
+            loss = (
+                settings.distill_weight * kd
+                + settings.budget_weight * budget_term
+                + settings.union_weight * union_term
+                + settings.balance_weight * balance_term
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+            worst = budget.ratio(budget.worst_case_params(widths))
+            record = {
+                "step": step + 1,
+                "loss": float(loss),
+                "distill_kl": float(kd),
+                "budget": float(budget_term),
+                "union": float(union_term),
+                "balance": float(balance_term),
+                "active_ratio": float(ratio),
+                "worst_case_ratio": float(worst),
+                "tokens": tokens_seen,
+                "elapsed_s": round(time.perf_counter() - start, 2),
+            }
+            history.append(record)
+            progress.update(1)
+            progress.set_postfix(kl=f"{record['distill_kl']:.3f}", ratio=f"{record['active_ratio']:.3f}")
+            if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
+                logger.info(
+                    f"ToMoE step {step + 1}/{settings.steps}: "
+                    f"loss={record['loss']:.4f} kl={record['distill_kl']:.4f} "
+                    f"budget={record['budget']:.4f} union={record['union']:.4f} "
+                    f"balance={record['balance']:.4f} "
+                    f"active_ratio={record['active_ratio']:.3f} "
+                    f"(worst case {record['worst_case_ratio']:.3f}, target {p}) "
+                    f"tokens={tokens_seen} elapsed={record['elapsed_s']:.0f}s"
+                )
+            if not math.isfinite(record["loss"]):
+                raise RuntimeError(
+                    f"ToMoE loss became {record['loss']} at step {step + 1}; "
+                    "lower lr or check the calibration data"
+                )
+    progress.close()
+    gates.choices = [None] * len(gates.choices)
+    gates.probs = [None] * len(gates.probs)
+    return {
+        "steps": settings.steps,
+        "tokens": tokens_seen,
+        "train_seconds": round(time.perf_counter() - start, 2),
+        "history": history,
+    }
