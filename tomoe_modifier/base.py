@@ -268,12 +268,8 @@ class ToMoEModifier(Modifier):
 
     def _find_target_mlps(self, model, layout: MLPLayout):
         layers = model.get_submodule(layout.layers)
-        names = {
-            f"{layout.layers}.{i}.{layout.mlp}": i for i in range(len(layers))
-        }
-        matched = {
-            n for n, _ in match_named_modules(model, self.targets, self.ignore)
-        }
+        names = {f"{layout.layers}.{i}.{layout.mlp}": i for i in range(len(layers))}
+        matched = {n for n, _ in match_named_modules(model, self.targets, self.ignore)}
         indices = sorted(names[n] for n in matched if n in names)
         if not indices:
             raise ValueError(

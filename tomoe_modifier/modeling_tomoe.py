@@ -1,4 +1,4 @@
-"""Converted ToMoE models: dense decoder models whose MLPs are top-1 mixtures of experts.
+"""Converted ToMoE models: decoder LLMs whose MLPs are top-1 mixtures of experts.
 
 This file is self-contained on purpose: ``save_pretrained`` copies it beside the
 checkpoint (``auto_map``), so ``trust_remote_code=True`` loads a converted model

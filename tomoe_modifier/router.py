@@ -102,7 +102,7 @@ class LayerRouter(nn.Module):
         return gumbel_softmax_st(logits, tau, noise)
 
     def block_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """embeddings: [E, K] -> keep-logits [E, N]; the offset starts training dense."""
+        """embeddings: [E, K] -> keep-logits [E, N]; the offset starts dense."""
         with torch.autocast(embeddings.device.type, enabled=False):
             return self.decoder(embeddings.float()) + self.offset
 

@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +82,10 @@ class BudgetCounter:
 
     def worst_case_params(self, widths: list[torch.Tensor]) -> float:
         return float(
-            sum(c * float(w.max()) for c, w in zip(self.params_per_channel, widths))
+            sum(
+                c * float(w.detach().max())
+                for c, w in zip(self.params_per_channel, widths)
+            )
         )
 
 
@@ -175,7 +178,9 @@ def balance_loss(
 
 def _batches(loader, steps: int):
     """Cycle the calibration loader (each pass reshuffles) for ``steps`` batches."""
-    return itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), steps)
+    return itertools.islice(
+        itertools.chain.from_iterable(itertools.repeat(loader)), steps
+    )
 
 
 def train_routers(
@@ -275,7 +280,9 @@ def train_routers(
             }
             history.append(record)
             progress.update(1)
-            progress.set_postfix(kl=f"{record['distill_kl']:.3f}", ratio=f"{record['active_ratio']:.3f}")
+            progress.set_postfix(
+                kl=f"{record['distill_kl']:.3f}", ratio=f"{record['active_ratio']:.3f}"
+            )
             if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
                 logger.info(
                     f"ToMoE step {step + 1}/{settings.steps}: "

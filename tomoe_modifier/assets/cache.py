@@ -84,8 +84,17 @@ def download_wheel(
     dest.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "-d", str(dest), *extra_args, requirement,
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        *extra_args,
+        requirement,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -97,11 +106,17 @@ def download_wheel(
         )
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
-        raise RuntimeError(f"expected one wheel in {dest} after pip download, got "
-                           f"{[w.name for w in wheels]}")
+        raise RuntimeError(
+            f"expected one wheel in {dest} after pip download, got "
+            f"{[w.name for w in wheels]}"
+        )
     wheel = wheels[0]
-    logger.info("downloaded {} ({:.1f} MB) in {:.1f}s", wheel.name,
-                wheel.stat().st_size / 1e6, time.perf_counter() - t0)
+    logger.info(
+        "downloaded {} ({:.1f} MB) in {:.1f}s",
+        wheel.name,
+        wheel.stat().st_size / 1e6,
+        time.perf_counter() - t0,
+    )
     return wheel
 
 

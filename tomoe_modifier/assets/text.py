@@ -43,26 +43,30 @@ SPLIT_SEED = 20240601
 _TEXT_DIRNAME = "text-v1"
 # Pinned to one exact wheel so every machine gets byte-identical source files.
 _GENSIM = "gensim==4.4.0"
-_GENSIM_PLATFORM = (
-    "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
-    "--implementation", "cp", "--abi", "cp311",
-)  # fmt: skip
+_GENSIM_PLATFORM = tuple(
+    "--platform manylinux_2_28_x86_64 --python-version 3.11 --implementation cp "
+    "--abi cp311".split()
+)
 _DATA = "gensim/test/test_data/"
-_WIKI_MEMBER = _DATA + "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+_WIKI_MEMBER = (
+    _DATA + "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+)
 _NEWS_MEMBER = _DATA + "lee_background.cor"
 
 # Markup whose content is not running prose (citations, formulas, galleries...).
-_DROP_TAGS = frozenset({
-    "ref", "references", "gallery", "math", "timeline", "imagemap", "score",
-    "syntaxhighlight", "source", "code", "chem", "hiero", "graph", "nowiki",
-})  # fmt: skip
+_DROP_TAGS = frozenset(
+    "ref references gallery math timeline imagemap score syntaxhighlight source "
+    "code chem hiero graph nowiki".split()
+)
 # Trailing sections that are lists of links/citations rather than text.
-_TAIL_SECTIONS = frozenset({
-    "references", "external links", "see also", "further reading", "notes",
-    "bibliography", "sources", "footnotes", "citations", "notes and references",
-})  # fmt: skip
+_TAIL_SECTIONS = frozenset(
+    [
+        *"references notes bibliography sources footnotes citations".split(),
+        *["external links", "see also", "further reading", "notes and references"],
+    ]
+)
 _LINK_NAMESPACES = frozenset({"category", "file", "image", "media"})
-_HEADING = re.compile(r"^(={2,6})\s*(.+?)\s*\1\s*$", re.MULTILINE)
+_HEADING = re.compile(r"^(={2,6})\s*(.+?)\s*\1\s*(?:<!--.*?-->\s*)*$", re.MULTILINE)
 _INTERWIKI = re.compile(r"^:?[a-z][a-z\-]{1,11}:")
 
 
@@ -109,8 +113,16 @@ def _prune(code) -> None:
     code.nodes = kept
 
 
-def iter_wiki_articles(path: Path) -> Iterator[tuple[str, str]]:
-    """Yield (title, raw wikitext) of main-namespace, non-redirect, non-empty pages."""
+def iter_wiki_articles(
+    path: Path, stats: dict[str, int] | None = None
+) -> Iterator[tuple[str, str]]:
+    """Yield (title, raw wikitext) of main-namespace, non-redirect, non-empty pages.
+
+    ``stats``, if given, is filled with counts of pages seen and skipped.
+    """
+    counts = stats if stats is not None else {}
+    for key in ("pages", "redirects", "other_namespace", "empty", "articles"):
+        counts.setdefault(key, 0)
     opener = bz2.open if str(path).endswith(".bz2") else open
     with opener(path, "rb") as f:
         for _, elem in ET.iterparse(f, events=("end",)):
@@ -121,16 +133,19 @@ def iter_wiki_articles(path: Path) -> Iterator[tuple[str, str]]:
             redirect = elem.find("{*}redirect") is not None
             raw = elem.findtext("{*}revision/{*}text") or ""
             elem.clear()
-            if ns != "0" or redirect or not title or not raw.strip():
-                continue
-            if raw.lstrip().lower().startswith("#redirect"):
-                continue
-            yield title, raw
+            counts["pages"] += 1
+            if ns != "0":
+                counts["other_namespace"] += 1
+            elif redirect or raw.lstrip().lower().startswith("#redirect"):
+                counts["redirects"] += 1
+            elif not title or not raw.strip():
+                counts["empty"] += 1
+            else:
+                counts["articles"] += 1
+                yield title, raw
 
 
-def split_articles(
-    titles: list[str], seed: int = SPLIT_SEED
-) -> dict[str, list[str]]:
+def split_articles(titles: list[str], seed: int = SPLIT_SEED) -> dict[str, list[str]]:
     """Deterministic 80/10/10 split of titles (seeded shuffle of the sorted titles)."""
     order = sorted(titles)
     random.Random(seed).shuffle(order)
@@ -164,11 +179,18 @@ def prepare_text(cache: Path | None = None) -> Path:
         wheel.unlink()
 
         t0 = time.perf_counter()
-        raw = list(iter_wiki_articles(wiki_path))
+        page_stats: dict[str, int] = {}
+        raw = list(iter_wiki_articles(wiki_path, page_stats))
         cleaned = {title: clean_wikitext(text) for title, text in raw}
         kept = {t: s for t, s in cleaned.items() if len(s) >= MIN_ARTICLE_CHARS}
-        logger.info("parsed {} wiki articles, kept {} with >= {} chars in {:.1f}s",
-                    len(raw), len(kept), MIN_ARTICLE_CHARS, time.perf_counter() - t0)
+        logger.info(
+            "parsed {} wiki pages: {} articles, kept {} with >= {} chars in {:.1f}s",
+            page_stats["pages"],
+            len(raw),
+            len(kept),
+            MIN_ARTICLE_CHARS,
+            time.perf_counter() - t0,
+        )
         if not kept:
             raise RuntimeError(f"no usable article found in {wiki_path.name}")
 
@@ -187,7 +209,7 @@ def prepare_text(cache: Path | None = None) -> Path:
             "source": f"PyPI wheel {_GENSIM}",
             "wiki_member": _WIKI_MEMBER,
             "news_member": _NEWS_MEMBER,
-            "wiki_pages_parsed": len(raw),
+            "wiki_pages": page_stats,
             "wiki_dropped_short": len(raw) - len(kept),
             "min_article_chars": MIN_ARTICLE_CHARS,
             "split_seed": SPLIT_SEED,
@@ -205,8 +227,12 @@ def prepare_text(cache: Path | None = None) -> Path:
         work.rmdir()
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     summary = ", ".join(f"{k}={v['articles']}" for k, v in manifest["splits"].items())
-    logger.info("text ready at {} ({}) in {:.1f}s", final, summary,
-                time.perf_counter() - t_start)
+    logger.info(
+        "text ready at {} ({}) in {:.1f}s",
+        final,
+        summary,
+        time.perf_counter() - t_start,
+    )
     return final
 
 

@@ -1,0 +1,69 @@
+"""The converted MoE MLP: fast sliced path == masked reference, save/load, decode."""
+
+import pytest
+import torch
+from conftest import make_model
+
+from tomoe_modifier.convert import build_sparse_mlp
+from tomoe_modifier.mappings import MLPLayout
+from tomoe_modifier.modeling_tomoe import ToMoESparseMLP, blocks_to_ranges
+
+
+def _random_moe(bias=False, seed=0, experts=4, union=96, block=16, hidden=64):
+    torch.manual_seed(seed)
+    moe = ToMoESparseMLP(hidden, union, experts, block, "silu", bias=bias)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0, 0.2)
+    moe.expert_blocks.copy_(torch.rand(experts, union // block) > 0.4)
+    moe.expert_blocks[:, 0] = True
+    return moe.eval()
+
+
+@pytest.mark.unit
+def test_blocks_to_ranges_merges_adjacent_blocks():
+    assert blocks_to_ranges([True, True, False, True], 16) == [(0, 32), (48, 64)]
+    assert blocks_to_ranges([False, False], 8) == []
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("tokens", [1, 2, 37])
+def test_sliced_path_equals_masked_reference(bias, tokens):
+    moe = _random_moe(bias=bias)
+    x = torch.randn(tokens, 64)
+    ids = moe.router(x).argmax(-1)
+    assert moe._can_slice_weights(x)
+    torch.testing.assert_close(
+        moe._forward_sliced(x, ids), moe._forward_masked(x, ids), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.unit
+def test_batch_with_mixed_experts_matches_token_by_token():
+    moe = _random_moe()
+    x = torch.randn(3, 11, 64)
+    ids = moe.router(x.reshape(-1, 64)).argmax(-1)
+    assert ids.unique().numel() > 1, "test needs tokens routed to several experts"
+    batched = moe(x)
+    single = torch.stack([moe(x[b, t : t + 1]) for b in range(3) for t in range(11)])
+    torch.testing.assert_close(batched.reshape(-1, 64), single.reshape(-1, 64))
+
+
+@pytest.mark.unit
+def test_full_masks_reproduce_dense_mlp():
+    dense = make_model("llama").model.layers[0].mlp
+    router = torch.nn.Linear(64, 4, bias=False)
+    masks = torch.ones(4, 8, dtype=torch.bool)
+    moe = build_sparse_mlp(dense, MLPLayout(), router, masks, 16, "silu")
+    x = torch.randn(2, 5, 64)
+    torch.testing.assert_close(moe(x), dense(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.unit
+def test_expert_ranges_follow_buffer_updates():
+    moe = _random_moe()
+    before = moe.expert_ranges()
+    moe.expert_blocks.zero_()
+    moe.expert_blocks[:, 1] = True
+    assert moe.expert_ranges() != before
+    assert moe.expert_ranges()[0] == [(16, 32)]
