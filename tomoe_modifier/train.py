@@ -268,7 +268,7 @@ def train_routers(
             worst = budget.ratio(budget.worst_case_params(widths))
             record = {
                 "step": step + 1,
-                "loss": float(loss),
+                "loss": float(loss.detach()),
                 "distill_kl": float(kd),
                 "budget": float(budget_term),
                 "union": float(union_term),

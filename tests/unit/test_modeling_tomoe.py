@@ -67,3 +67,33 @@ def test_expert_ranges_follow_buffer_updates():
     moe.expert_blocks[:, 1] = True
     assert moe.expert_ranges() != before
     assert moe.expert_ranges()[0] == [(16, 32)]
+
+
+@pytest.mark.unit
+def test_active_parameter_stats_counts_routed_widths():
+    from tomoe_modifier.convert import convert_model
+    from tomoe_modifier.mappings import get_layout
+    from tomoe_modifier.stats import active_parameter_stats
+
+    model = make_model("llama")
+    routers = [torch.nn.Linear(64, 2, bias=False) for _ in range(2)]
+    holders = [torch.nn.Module() for _ in range(2)]
+    for h, r in zip(holders, routers):
+        torch.nn.init.zeros_(r.weight)  # argmax of equal logits: expert 0
+        h.router = r
+    masks = [torch.tensor([[1] * 4 + [0] * 4, [1] * 8], dtype=torch.bool)] * 2
+    arch, layout = get_layout(model)
+    convert_model(model, arch, layout, [0, 1], holders, masks, 16, 2)
+    stats = active_parameter_stats(
+        model, [{"input_ids": torch.randint(4, 256, (2, 8))}]
+    )
+    attention = sum(
+        p.numel() for layer in model.model.layers for p in layer.self_attn.parameters()
+    )
+    dense = attention + 2 * 3 * 64 * 128
+    expected_mean = (attention + 2 * 64 * 2 + 2 * 3 * 64 * 64) / dense
+    expected_worst = (attention + 2 * 64 * 2 + 2 * 3 * 64 * 128) / dense
+    assert stats["tokens"] == 16
+    assert stats["active_ratio_mean"] == pytest.approx(expected_mean)
+    assert stats["active_ratio_worst_case"] == pytest.approx(expected_worst)
+    assert stats["expert_usage"][0] == [1.0, 0.0]

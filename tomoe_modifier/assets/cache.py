@@ -56,9 +56,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     prefix = f".tmp-{final.name}-"
     _purge_stale_tmp(final.parent, prefix)
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a cache is usually shared
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; let other users read the cache
     try:
         yield tmp
         try:

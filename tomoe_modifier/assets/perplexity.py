@@ -22,6 +22,8 @@ def token_windows(tokenizer, texts: list[str], context: int) -> list[list[int]]:
     """Tokenize each text (with the tokenizer's own BOS, if any) into windows."""
     if context < 2:
         raise ValueError(f"context must be >= 2 tokens, got {context}")
+    if not texts:
+        return []
     encoded = tokenizer(list(texts), add_special_tokens=True, verbose=False)
     windows: list[list[int]] = []
     for ids in encoded["input_ids"]:

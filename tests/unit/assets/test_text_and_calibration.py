@@ -157,8 +157,10 @@ def test_perplexity_matches_manual_computation(add_bos):
 @pytest.mark.unit
 def test_perplexity_rejects_texts_without_a_full_pair():
     tok = make_tokenizer(add_bos=False)
-    with pytest.raises(ValueError, match="pass longer texts"):
-        perplexity(make_model(len(tok)), tok, ["w1", ""], context=8)
+    model = make_model(len(tok))
+    for texts in (["w1", ""], []):
+        with pytest.raises(ValueError, match="pass longer texts"):
+            perplexity(model, tok, texts, context=8)
 
 
 @pytest.mark.unit
