@@ -13,6 +13,13 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 
 from tomoe_modifier.convert import convert_model, final_block_masks
+from tomoe_modifier.init import (
+    collect_mlp_statistics,
+    expert_block_scores,
+    initial_block_logits,
+    kmeans,
+    router_weight,
+)
 from tomoe_modifier.mappings import MLPLayout, get_layout
 from tomoe_modifier.precision import choose_compute_dtype
 from tomoe_modifier.router import ExpertHypernetwork, LayerRouter
@@ -76,6 +83,12 @@ class ToMoEModifier(Modifier):
     :param mask_offset: logit offset that makes training start from the dense model
     :param compute_dtype: "auto" picks bfloat16 where the device runs it fast;
         routers always stay in float32
+    :param init_strategy: "activation" starts the routers as nearest-centroid
+        routing over k-means clusters of the MLP inputs and each expert at the target
+        width with the blocks that matter most on its cluster (one dense pass over
+        ``init_tokens`` calibration tokens); "dense" is the paper's start (all
+        channels kept, random routers), which needs far more training tokens
+    :param init_tokens: calibration tokens used by the activation-aware start
     :param seed: seeds router initialisation and the Gumbel noise
     :param log_every: log one line of losses every this many steps
     :param report_path: optional JSON file for the loss history and expert layout
@@ -99,6 +112,8 @@ class ToMoEModifier(Modifier):
     temperature: float = 0.4
     mask_offset: float = 3.0
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    init_strategy: Literal["activation", "dense"] = "activation"
+    init_tokens: int = 4096
     seed: int = 0
     log_every: int = 10
     report_path: str | None = None
@@ -127,7 +142,7 @@ class ToMoEModifier(Modifier):
             raise ValueError(f"target_active_ratio must be in (0, 1], got {value}")
         return value
 
-    @field_validator("width_multiple", "epochs", "log_every")
+    @field_validator("width_multiple", "epochs", "log_every", "init_tokens")
     @classmethod
     def _check_positive(cls, value: int, info) -> int:
         if value < 1:
@@ -205,6 +220,10 @@ class ToMoEModifier(Modifier):
             model.requires_grad_(False)
             model.eval()
             try:
+                if self.init_strategy == "activation":
+                    self._activation_init(
+                        model, mlps, downs, routers, loader, budget, device
+                    )
                 with gates:
                     report = train_routers(
                         model, gates, hypernet, budget, loader, settings, device
@@ -249,6 +268,30 @@ class ToMoEModifier(Modifier):
         )
         self._write_report()
         return True
+
+    def _activation_init(self, model, mlps, downs, routers, loader, budget, device):
+        """Routers from k-means of MLP inputs; experts at target width (init.py)."""
+        t0 = time.perf_counter()
+        stats = collect_mlp_statistics(
+            model, mlps, downs, loader, self.width_multiple, self.init_tokens, device
+        )
+        fraction = (
+            self.target_active_ratio * budget.dense_total - budget.fixed_params()
+        ) / sum(budget.full_mlp_params)
+        for router, (x, energy) in zip(routers, stats):
+            centroids = kmeans(x, self.num_experts, seed=self.seed)
+            weight = router_weight(centroids, x)
+            scores = expert_block_scores(energy, x, centroids)
+            keep = round(fraction * scores.shape[1])
+            bias = initial_block_logits(scores, keep, 3.0, -(self.mask_offset + 3.0))
+            with torch.no_grad():
+                router.router.weight.copy_(weight.to(router.router.weight))
+                router.block_bias.copy_(bias.to(router.block_bias))
+        logger.info(
+            f"ToMoE activation-aware start: {len(stats[0][0])} tokens per layer, "
+            f"experts start at {fraction:.3f} of each MLP "
+            f"({time.perf_counter() - t0:.1f}s)"
+        )
 
     @property
     def report(self) -> dict:

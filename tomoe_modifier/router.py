@@ -38,14 +38,16 @@ def gumbel_softmax_st(
 
 def gumbel_sigmoid_st(logits: torch.Tensor, tau: float, noise: bool) -> torch.Tensor:
     """
-    Binary mask with a straight-through gradient (binary concrete relaxation).
+    Binary mask with a straight-through gradient (the paper's Gumbel-sigmoid).
 
-    Noise is logistic (the difference of two Gumbels), which has mean zero; without
-    noise the mask is ``logits > 0``, the limit the trained gates converge to.
+    The noise is one Gumbel(0, 1) sample, as in ToMoE: its left tail is thin, so with
+    the +3 logit offset training really starts from the dense model (logistic noise
+    would drop ~5% of blocks at random on step one). Without noise the mask is
+    ``logits > 0``.
     """
     if noise:
         uniform = torch.rand_like(logits).clamp_(1e-10, 1 - 1e-10)
-        logits = logits + torch.log(uniform) - torch.log1p(-uniform)
+        logits = logits - torch.log(-torch.log(uniform))
     soft = torch.sigmoid(logits / tau)
     hard = (logits > 0).to(soft.dtype)
     return hard + soft - soft.detach()
@@ -91,6 +93,9 @@ class LayerRouter(nn.Module):
             nn.GELU(),
             nn.Linear(embedding_dim, num_blocks, bias=False),
         )
+        # per-expert logit table; zero keeps the paper's dense start, the
+        # activation-aware start (init.py) writes each expert's initial blocks here
+        self.block_bias = nn.Parameter(torch.zeros(num_experts, num_blocks))
         self.offset = offset
 
     def route(
@@ -104,7 +109,7 @@ class LayerRouter(nn.Module):
     def block_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """embeddings: [E, K] -> keep-logits [E, N]; the offset starts dense."""
         with torch.autocast(embeddings.device.type, enabled=False):
-            return self.decoder(embeddings.float()) + self.offset
+            return self.decoder(embeddings.float()) + self.offset + self.block_bias
 
     def block_masks(
         self, embeddings: torch.Tensor, tau: float, noise: bool

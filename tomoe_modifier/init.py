@@ -1,0 +1,130 @@
+"""Activation-aware start for the routers and expert masks.
+
+With a CPU-sized budget (a few hundred thousand tokens instead of the paper's 41M),
+training from the dense model spends most steps discovering which channels matter.
+This module gives it a head start from one cheap pass over calibration data: the
+router starts as nearest-centroid routing over k-means clusters of the MLP inputs,
+and each expert starts keeping the channel blocks that contribute most to the MLP
+output on its cluster's tokens, already at the target width.
+Dimension legend: T tokens, D hidden, N channel blocks, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "collect_mlp_statistics",
+    "expert_block_scores",
+    "initial_block_logits",
+    "kmeans",
+    "router_weight",
+]
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
+    """Spherical k-means of x: [T, D] -> unit centroids [k, D] (k-means++ start)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.nn.functional.normalize(x.float(), dim=-1)
+    first = torch.randint(len(x), (1,), generator=g)
+    centroids = [x[first[0]]]
+    for _ in range(1, k):
+        sim = torch.stack(centroids) @ x.T  # [c, T]
+        dist = (1 - sim.max(dim=0).values).clamp_min(0) + 1e-12
+        centroids.append(x[torch.multinomial(dist, 1, generator=g)[0]])
+    c = torch.stack(centroids)  # [k, D]
+    for _ in range(iters):
+        assign = (x @ c.T).argmax(dim=-1)  # [T]
+        for j in range(k):
+            members = x[assign == j]
+            if len(members):
+                c[j] = torch.nn.functional.normalize(members.mean(dim=0), dim=0)
+    return c
+
+
+def router_weight(centroids: torch.Tensor, x: torch.Tensor, spread: float = 3.0):
+    """Router weight [E, D] whose argmax is the nearest centroid, logits ~spread."""
+    logits = x.float() @ centroids.T  # [T, E]
+    scale = spread / logits.std().clamp_min(1e-6)
+    return centroids * scale
+
+
+def expert_block_scores(
+    block_energy: torch.Tensor, x: torch.Tensor, centroids: torch.Tensor
+) -> torch.Tensor:
+    """
+    Mean block energy [E, N] of the tokens routed to each expert.
+
+    block_energy: [T, N], per token the squared contribution of each channel block to
+    the MLP output (sum over the block of h_c^2 * ||W_down[:, c]||^2).
+    """
+    assign = (torch.nn.functional.normalize(x.float(), dim=-1) @ centroids.T).argmax(-1)
+    scores = torch.zeros(len(centroids), block_energy.shape[1])
+    for e in range(len(centroids)):
+        members = block_energy[assign == e]
+        scores[e] = members.mean(0) if len(members) else block_energy.mean(0)
+    return scores
+
+
+def initial_block_logits(
+    scores: torch.Tensor, keep: int, on: float, off: float
+) -> torch.Tensor:
+    """``on`` for each expert's ``keep`` best blocks, ``off`` for the rest. [E, N]"""
+    keep = max(1, min(keep, scores.shape[1]))
+    top = scores.topk(keep, dim=1).indices
+    logits = torch.full_like(scores, off)
+    logits.scatter_(1, top, on)
+    return logits
+
+
+@torch.no_grad()
+def collect_mlp_statistics(
+    model, mlps, down_projs, loader, block_size: int, max_tokens: int, device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """
+    One dense pass over the first calibration batches. Per MLP: its inputs
+    [T, D] and per-token block energies [T, N] (fp32, on CPU, T <= max_tokens).
+    """
+    inputs: list[list[torch.Tensor]] = [[] for _ in mlps]
+    energies: list[list[torch.Tensor]] = [[] for _ in mlps]
+    weights = [
+        d.weight.detach().float().pow(2).sum(dim=0) for d in down_projs
+    ]  # [I]: ||W_down[:, c]||^2
+
+    def capture_input(i):
+        def hook(module, args):
+            inputs[i].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
+
+        return hook
+
+    def capture_energy(i):
+        def hook(module, args):
+            h = args[0].reshape(-1, args[0].shape[-1]).float()  # [T, I]
+            e = (h.pow(2) * weights[i]).view(len(h), -1, block_size).sum(-1)
+            energies[i].append(e.cpu())
+
+        return hook
+
+    handles = [
+        m.register_forward_pre_hook(capture_input(i)) for i, m in enumerate(mlps)
+    ]
+    handles += [
+        d.register_forward_pre_hook(capture_energy(i)) for i, d in enumerate(down_projs)
+    ]
+    seen = 0
+    try:
+        for batch in loader:
+            ids = batch["input_ids"].to(device)
+            mask = batch.get("attention_mask")
+            mask = torch.ones_like(ids) if mask is None else mask.to(device)
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            seen += int(mask.sum())
+            if seen >= max_tokens:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+    return [
+        (torch.cat(x)[:max_tokens], torch.cat(e)[:max_tokens])
+        for x, e in zip(inputs, energies)
+    ]
