@@ -28,6 +28,7 @@ __all__ = [
     "EVAL_CONTEXT",
     "add_tomoe_arguments",
     "calibration_set",
+    "evaluate_dense_cached",
     "evaluate_folder",
     "peak_rss_mib",
     "tomoe_from_args",
@@ -117,6 +118,18 @@ def evaluate_folder(
     )
     generated = model.generate(**prompt, max_new_tokens=24, do_sample=False)
     result["sample"] = tokenizer.decode(generated[0, prompt["input_ids"].shape[1] :])
+    return result
+
+
+def evaluate_dense_cached(model_dir: Path, tokenizer) -> dict:
+    """The dense baseline never changes: evaluate it once per cache."""
+    from tomoe_modifier.assets import cache_dir
+
+    path = cache_dir() / "dense_eval_wiki_test_ctx512.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    result = evaluate_folder(model_dir, tokenizer)
+    write_json(path, result)
     return result
 
 

@@ -33,6 +33,7 @@ from smollm2_common import (  # noqa: E402
     EVAL_CONTEXT,
     add_tomoe_arguments,
     calibration_set,
+    evaluate_dense_cached,
     evaluate_folder,
     machine,
     peak_rss_mib,
@@ -62,7 +63,7 @@ def main() -> None:
     dataset = calibration_set(tokenizer, args.seq_len)
 
     # Dense baseline on the held-out articles.
-    dense = evaluate_folder(model_dir, tokenizer)
+    dense = evaluate_dense_cached(model_dir, tokenizer)
 
     # Apply algorithms.
     t0 = time.perf_counter()
