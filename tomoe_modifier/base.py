@@ -50,7 +50,8 @@ class ToMoEModifier(Modifier):
           target_active_ratio: 0.5
           num_experts: 8
           width_multiple: 64
-          epochs: 1
+          iters: 480
+          lr: 0.01
     ```
 
     Lifecycle:
@@ -69,8 +70,12 @@ class ToMoEModifier(Modifier):
     :param target_active_ratio: active attention+MLP parameters per token divided by
         the dense count, in (0, 1]; attention stays dense, so it must exceed the
         attention share
-    :param width_multiple: channel block size; experts are trained and stored in
-        whole blocks, so every width is a multiple (use the quantization group size)
+    :param width_multiple: each converted MLP's stored width (the union of its
+        experts) is padded to a multiple of this with channels no expert uses; set
+        it to the quantization group size so down_proj's input groups are whole
+    :param mask_block_size: channels per mask entry. 1 (the paper's per-channel
+        masks) is the default and by far the most accurate: neighbouring channel
+        indices are unrelated, so coarse blocks drop useful channels wholesale
     :param epochs: passes over the calibration set (ignored if ``iters`` is set)
     :param iters: optimizer steps; defaults to ``epochs`` passes over the data
     :param lr: AdamW learning rate of the routers and hypernetwork
@@ -80,6 +85,10 @@ class ToMoEModifier(Modifier):
     :param union_weight: weight of the expert-union coverage loss
     :param balance_weight: weight of the load-balance loss
     :param temperature: Gumbel-softmax / Gumbel-sigmoid temperature
+    :param noise_anneal: final fraction of the steps over which the Gumbel noise
+        decays linearly to 0, so training ends on the deterministic routing and
+        masks that conversion exports (0 keeps the paper's constant noise)
+    :param lr_schedule: "constant" (the paper's) or "cosine" decay to 0
     :param mask_offset: logit offset that makes training start from the dense model
     :param compute_dtype: "auto" picks bfloat16 where the device runs it fast;
         routers always stay in float32
@@ -101,6 +110,7 @@ class ToMoEModifier(Modifier):
     num_experts: int = 8
     target_active_ratio: float = 0.5
     width_multiple: int = 64
+    mask_block_size: int = 1
     epochs: int = 1
     iters: int | None = None
     lr: float = 1e-3
@@ -110,6 +120,8 @@ class ToMoEModifier(Modifier):
     union_weight: float = 3.0
     balance_weight: float = 1.0
     temperature: float = 0.4
+    noise_anneal: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     mask_offset: float = 3.0
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     init_strategy: Literal["activation", "dense"] = "activation"
@@ -142,11 +154,20 @@ class ToMoEModifier(Modifier):
             raise ValueError(f"target_active_ratio must be in (0, 1], got {value}")
         return value
 
-    @field_validator("width_multiple", "epochs", "log_every", "init_tokens")
+    @field_validator(
+        "width_multiple", "mask_block_size", "epochs", "log_every", "init_tokens"
+    )
     @classmethod
     def _check_positive(cls, value: int, info) -> int:
         if value < 1:
             raise ValueError(f"{info.field_name} must be >= 1, got {value}")
+        return value
+
+    @field_validator("noise_anneal")
+    @classmethod
+    def _check_fraction(cls, value: float) -> float:
+        if not 0 <= value <= 1:
+            raise ValueError(f"noise_anneal must be in [0, 1], got {value}")
         return value
 
     @field_validator("iters")
@@ -171,7 +192,7 @@ class ToMoEModifier(Modifier):
         arch, layout = get_layout(model)
         indices, mlps = self._find_target_mlps(model, layout)
         loader = self._check_calibration_data(state.data.calib)
-        block = self.width_multiple
+        block = self.mask_block_size
         budget = self._budget_counter(model, layout, indices)
         self._check_feasible(budget, mlps, layout)
 
@@ -209,6 +230,8 @@ class ToMoEModifier(Modifier):
                 union_weight=self.union_weight,
                 balance_weight=self.balance_weight,
                 temperature=self.temperature,
+                noise_anneal=self.noise_anneal,
+                lr_schedule=self.lr_schedule,
                 compute_dtype=dtype,
                 log_every=self.log_every,
                 seed=self.seed,
@@ -238,7 +261,15 @@ class ToMoEModifier(Modifier):
             r.eval()
         masks = final_block_masks(hypernet, routers, self.temperature)
         union = convert_model(
-            model, arch, layout, indices, routers, masks, block, self.num_experts
+            model,
+            arch,
+            layout,
+            indices,
+            routers,
+            masks,
+            block,
+            self.num_experts,
+            self.width_multiple,
         )
         widths = [(m.sum(dim=1) * block).tolist() for m in masks]
         worst = budget.ratio(
@@ -273,7 +304,7 @@ class ToMoEModifier(Modifier):
         """Routers from k-means of MLP inputs; experts at target width (init.py)."""
         t0 = time.perf_counter()
         stats = collect_mlp_statistics(
-            model, mlps, downs, loader, self.width_multiple, self.init_tokens, device
+            model, mlps, downs, loader, self.mask_block_size, self.init_tokens, device
         )
         fraction = (
             self.target_active_ratio * budget.dense_total - budget.fixed_params()
@@ -321,19 +352,26 @@ class ToMoEModifier(Modifier):
             )
         mlps = [getattr(layers[i], layout.mlp) for i in indices]
         for i, mlp in zip(indices, mlps):
+            name = f"{layout.layers}.{i}.{layout.mlp}"
             width = getattr(mlp, layout.gate_proj).out_features
-            if width % self.width_multiple:
-                raise ValueError(
-                    f"width_multiple must divide the MLP width of "
-                    f"{layout.layers}.{i}.{layout.mlp} ({width}), got "
-                    f"{self.width_multiple}; choose a divisor such as 64 or 128"
-                )
+            for field in ("width_multiple", "mask_block_size"):
+                value = getattr(self, field)
+                if width % value:
+                    raise ValueError(
+                        f"{field} must divide the MLP width of {name} ({width}), got "
+                        f"{value}; choose a divisor such as 64 or 128"
+                    )
             if width // self.width_multiple < 2:
                 raise ValueError(
-                    f"width_multiple {self.width_multiple} leaves "
-                    f"{layout.layers}.{i}.{layout.mlp} ({width} channels) fewer than "
-                    "2 blocks, so expert widths would round to the whole MLP or to "
-                    "zero; use a smaller width_multiple"
+                    f"width_multiple {self.width_multiple} leaves {name} ({width} "
+                    "channels) fewer than 2 multiples, so every union width would "
+                    "round up to the whole MLP; use a smaller width_multiple"
+                )
+            if width // self.mask_block_size < 2:
+                raise ValueError(
+                    f"mask_block_size {self.mask_block_size} leaves {name} ({width} "
+                    "channels) fewer than 2 blocks, so expert widths would round to "
+                    "the whole MLP or to zero; use a smaller mask_block_size"
                 )
         return indices, mlps
 
@@ -390,19 +428,19 @@ class ToMoEModifier(Modifier):
             router_params=hidden * self.num_experts * len(indices),
             params_per_channel=per_channel,
             full_mlp_params=full,
-            block_size=self.width_multiple,
+            block_size=self.mask_block_size,
         )
 
     def _check_feasible(self, budget: BudgetCounter, mlps, layout) -> None:
         floor = budget.ratio(
-            sum(c * self.width_multiple for c in budget.params_per_channel)
+            sum(c * self.mask_block_size for c in budget.params_per_channel)
         )
         if self.target_active_ratio <= floor:
             raise ValueError(
                 f"target_active_ratio {self.target_active_ratio} is not reachable: "
-                f"attention, routers and one {self.width_multiple}-channel block per "
-                f"expert already give {floor:.3f} of the dense parameters (attention "
-                "stays dense). Raise target_active_ratio or lower width_multiple"
+                f"attention, routers and one {self.mask_block_size}-channel block per"
+                f" expert already give {floor:.3f} of the dense parameters (attention"
+                " stays dense). Raise target_active_ratio or lower mask_block_size"
             )
 
     def _resolve_dtype(self, device: torch.device) -> torch.dtype:

@@ -71,12 +71,24 @@ def build_sparse_mlp(
     masks: torch.Tensor,
     block_size: int,
     hidden_act: str,
+    width_multiple: int = 1,
 ) -> ToMoESparseMLP:
-    """Slice a dense gated MLP to the union of its experts. masks: bool [E, N]."""
+    """
+    Slice a dense gated MLP to the union of its experts. masks: bool [E, N].
+
+    The union is padded with blocks no expert uses up to a multiple of
+    ``width_multiple`` channels (the quantization group size), so down_proj's
+    input features split into whole groups; the padding is never computed.
+    """
     gate = getattr(mlp, layout.gate_proj)
     up = getattr(mlp, layout.up_proj)
     down = getattr(mlp, layout.down_proj)
     order = order_union_blocks(masks)
+    blocks_per_multiple = max(1, width_multiple // block_size)
+    padded = -(-len(order) // blocks_per_multiple) * blocks_per_multiple
+    used = set(order)
+    unused = [j for j in range(masks.shape[1]) if j not in used]
+    order += unused[: max(0, padded - len(order))]
     blocks = torch.tensor(order, dtype=torch.long)
     channels = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()
     num_experts, hidden = masks.shape[0], gate.in_features
@@ -108,6 +120,7 @@ def convert_model(
     masks: list[torch.Tensor],
     block_size: int,
     num_experts: int,
+    width_multiple: int = 1,
 ) -> list[int]:
     """
     Replace the MLPs of ``layer_indices`` in place and turn ``model`` into the
@@ -120,7 +133,13 @@ def convert_model(
         layer = layers[index]
         dense = getattr(layer, layout.mlp)
         moe = build_sparse_mlp(
-            dense, layout, router.router, mask, block_size, config.hidden_act
+            dense,
+            layout,
+            router.router,
+            mask,
+            block_size,
+            config.hidden_act,
+            width_multiple,
         )
         setattr(layer, layout.mlp, moe)
         union_sizes[index] = moe.union_size

@@ -19,35 +19,40 @@ __all__ = [
 ]
 
 
+def _gumbel(like: torch.Tensor) -> torch.Tensor:
+    uniform = torch.rand_like(like).clamp_(1e-10, 1 - 1e-10)
+    return -torch.log(-torch.log(uniform))
+
+
 def gumbel_softmax_st(
-    logits: torch.Tensor, tau: float, noise: bool
+    logits: torch.Tensor, tau: float, noise: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Top-1 choice with a straight-through gradient.
 
+    :param noise: scale of the Gumbel noise (1 = the paper's sampling, 0 = none);
+        training anneals it to 0 so it ends on the deterministic model
     :return: (hard one-hot whose gradient is that of the soft probabilities,
         soft probabilities); without noise the choice is the plain argmax
     """
     if noise:
-        uniform = torch.rand_like(logits).clamp_(1e-10, 1 - 1e-10)
-        logits = logits - torch.log(-torch.log(uniform))
+        logits = logits + noise * _gumbel(logits)
     soft = F.softmax(logits / tau, dim=-1)
     hard = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
     return hard + soft - soft.detach(), soft
 
 
-def gumbel_sigmoid_st(logits: torch.Tensor, tau: float, noise: bool) -> torch.Tensor:
+def gumbel_sigmoid_st(logits: torch.Tensor, tau: float, noise: float) -> torch.Tensor:
     """
     Binary mask with a straight-through gradient (the paper's Gumbel-sigmoid).
 
     The noise is one Gumbel(0, 1) sample, as in ToMoE: its left tail is thin, so with
     the +3 logit offset training really starts from the dense model (logistic noise
-    would drop ~5% of blocks at random on step one). Without noise the mask is
-    ``logits > 0``.
+    would drop ~5% of blocks at random on step one). ``noise`` scales it; without
+    noise the mask is ``logits > 0``.
     """
     if noise:
-        uniform = torch.rand_like(logits).clamp_(1e-10, 1 - 1e-10)
-        logits = logits - torch.log(-torch.log(uniform))
+        logits = logits + noise * _gumbel(logits)
     soft = torch.sigmoid(logits / tau)
     hard = (logits > 0).to(soft.dtype)
     return hard + soft - soft.detach()
@@ -99,7 +104,7 @@ class LayerRouter(nn.Module):
         self.offset = offset
 
     def route(
-        self, x: torch.Tensor, tau: float, noise: bool
+        self, x: torch.Tensor, tau: float, noise: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, D] -> (one-hot choice [T, E], soft probabilities [T, E]), fp32."""
         with torch.autocast(x.device.type, enabled=False):
@@ -112,7 +117,7 @@ class LayerRouter(nn.Module):
             return self.decoder(embeddings.float()) + self.offset + self.block_bias
 
     def block_masks(
-        self, embeddings: torch.Tensor, tau: float, noise: bool
+        self, embeddings: torch.Tensor, tau: float, noise: float
     ) -> torch.Tensor:
         """Hard keep-masks [E, N]; every expert keeps at least its best block."""
         logits = self.block_logits(embeddings)

@@ -28,6 +28,7 @@ __all__ = [
     "distillation_loss",
     "union_loss",
     "balance_loss",
+    "noise_scale",
     "train_routers",
 ]
 
@@ -43,6 +44,8 @@ class TrainSettings:
     union_weight: float = 3.0
     balance_weight: float = 1.0
     temperature: float = 0.4
+    noise_anneal: float = 0.0  # final fraction of steps over which noise -> 0
+    lr_schedule: str = "constant"  # or "cosine" (to 0 at the last step)
     compute_dtype: torch.dtype = torch.float32
     log_every: int = 10
     seed: int = 0
@@ -108,7 +111,7 @@ class GatedMLPs:
         self.block_size = block_size
         self.temperature = temperature
         self.enabled = True
-        self.noise = True
+        self.noise = 1.0  # Gumbel noise scale (see noise_scale)
         self.block_masks: list[torch.Tensor] = []  # per layer [E, N]
         self.choices: list[torch.Tensor | None] = [None] * len(mlps)  # [T, E]
         self.probs: list[torch.Tensor | None] = [None] * len(mlps)  # [T, E]
@@ -176,6 +179,20 @@ def balance_loss(
     return choice.shape[-1] * (share * mean_prob).sum()
 
 
+def noise_scale(step: int, steps: int, anneal: float) -> float:
+    """Gumbel noise scale at ``step`` (0-based): 1, then linearly to 0 at the end.
+
+    Training on noisy masks and converting without noise leaves a gap: the mean
+    of the Gumbel noise is +0.58, so noise-free masks are narrower than the ones
+    the budget loss saw. Annealing ends training on the deterministic model that
+    conversion exports.
+    """
+    start = steps * (1.0 - anneal)
+    if anneal <= 0 or step < start:
+        return 1.0
+    return max(0.0, 1.0 - (step + 1 - start) / (steps - start))
+
+
 def _batches(loader, steps: int):
     """Cycle the calibration loader (each pass reshuffles) for ``steps`` batches."""
     return itertools.islice(
@@ -202,6 +219,11 @@ def train_routers(
     optimizer = torch.optim.AdamW(
         params, lr=settings.lr, weight_decay=settings.weight_decay
     )
+    scheduler = None
+    if settings.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=settings.steps
+        )
     use_autocast = settings.compute_dtype != torch.float32
     history: list[dict] = []
     tokens_seen = 0
@@ -231,9 +253,11 @@ def train_routers(
                     input_ids=input_ids, attention_mask=attention_mask, use_cache=False
                 ).logits
             gates.enabled = True
+            noise = noise_scale(step, settings.steps, settings.noise_anneal)
+            gates.noise = noise
             embeddings = hypernet()  # [L, E, K]
             gates.block_masks = [
-                r.block_masks(embeddings[i], settings.temperature, noise=True)
+                r.block_masks(embeddings[i], settings.temperature, noise=noise)
                 for i, r in enumerate(gates.routers)
             ]
             student = model(
@@ -264,17 +288,22 @@ def train_routers(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]
+            if scheduler is not None:
+                scheduler.step()
 
             worst = budget.ratio(budget.worst_case_params(widths))
             record = {
                 "step": step + 1,
                 "loss": float(loss.detach()),
-                "distill_kl": float(kd),
-                "budget": float(budget_term),
-                "union": float(union_term),
-                "balance": float(balance_term),
-                "active_ratio": float(ratio),
+                "distill_kl": float(kd.detach()),
+                "budget": float(budget_term.detach()),
+                "union": float(union_term.detach()),
+                "balance": float(balance_term.detach()),
+                "active_ratio": float(ratio.detach()),
                 "worst_case_ratio": float(worst),
+                "noise": round(noise, 4),
+                "lr": lr,
                 "tokens": tokens_seen,
                 "elapsed_s": round(time.perf_counter() - start, 2),
             }
@@ -291,6 +320,7 @@ def train_routers(
                     f"balance={record['balance']:.4f} "
                     f"active_ratio={record['active_ratio']:.3f} "
                     f"(worst case {record['worst_case_ratio']:.3f}, target {p}) "
+                    f"noise={noise:.2f} lr={lr:.2e} "
                     f"tokens={tokens_seen} elapsed={record['elapsed_s']:.0f}s"
                 )
             if not math.isfinite(record["loss"]):

@@ -101,7 +101,9 @@ def test_already_converted_model(tmp_path):
     "kwargs, message",
     [
         ({"width_multiple": 48}, "width_multiple must divide"),
-        ({"width_multiple": 128}, "fewer than 2 blocks"),
+        ({"width_multiple": 128}, "fewer than 2 multiples"),
+        ({"mask_block_size": 128}, "fewer than 2 blocks"),
+        ({"mask_block_size": 48}, "mask_block_size must divide"),
         ({"target_active_ratio": 0.2}, "not reachable"),
     ],
 )

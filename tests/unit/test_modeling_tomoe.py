@@ -6,7 +6,11 @@ from conftest import make_model
 
 from tomoe_modifier.convert import build_sparse_mlp
 from tomoe_modifier.mappings import MLPLayout
-from tomoe_modifier.modeling_tomoe import ToMoESparseMLP, blocks_to_ranges
+from tomoe_modifier.modeling_tomoe import (
+    ToMoESparseMLP,
+    blocks_to_ranges,
+    merge_ranges,
+)
 
 
 def _random_moe(bias=False, seed=0, experts=4, union=96, block=16, hidden=64):
@@ -26,16 +30,44 @@ def test_blocks_to_ranges_merges_adjacent_blocks():
 
 
 @pytest.mark.unit
+def test_merge_ranges_joins_only_small_gaps():
+    ranges = [(0, 4), (6, 10), (30, 32)]
+    assert merge_ranges(ranges, 3) == [(0, 10), (30, 32)]
+    assert merge_ranges(ranges, 0) == ranges
+    assert merge_ranges(ranges, 100) == [(0, 32)]
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("tokens", [1, 2, 37])
-def test_sliced_path_equals_masked_reference(bias, tokens):
-    moe = _random_moe(bias=bias)
+@pytest.mark.parametrize("block", [1, 16])
+def test_sliced_path_equals_masked_reference(bias, tokens, block):
+    moe = _random_moe(bias=bias, block=block)
     x = torch.randn(tokens, 64)
     ids = moe.router(x).argmax(-1)
     assert moe._can_slice_weights(x)
     torch.testing.assert_close(
         moe._forward_sliced(x, ids), moe._forward_masked(x, ids), atol=1e-5, rtol=1e-5
     )
+
+
+@pytest.mark.unit
+def test_gap_merging_and_union_fallback_stay_exact(monkeypatch):
+    import tomoe_modifier.modeling_tomoe as modeling
+
+    moe = _random_moe(block=1)  # per-channel experts: many short ranges
+    x = torch.randn(9, 64)
+    ids = moe.router(x).argmax(-1)
+    reference = moe._forward_masked(x, ids)
+    for overhead in (0, 8, 10_000):  # no merging, some gaps, whole spans
+        monkeypatch.setattr(modeling, "SLICE_OVERHEAD_CHANNELS", overhead)
+        moe._plans.clear()
+        for t in (1, 9):
+            torch.testing.assert_close(
+                moe._forward_sliced(x[:t], ids[:t]), reference[:t]
+            )
+    plans = moe._plans.values()
+    assert any(keep is not None for plan in plans for _, _, keep in plan)
 
 
 @pytest.mark.unit
@@ -47,6 +79,25 @@ def test_batch_with_mixed_experts_matches_token_by_token():
     batched = moe(x)
     single = torch.stack([moe(x[b, t : t + 1]) for b in range(3) for t in range(11)])
     torch.testing.assert_close(batched.reshape(-1, 64), single.reshape(-1, 64))
+
+
+@pytest.mark.unit
+def test_union_is_padded_to_the_width_multiple_with_unused_channels():
+    dense = make_model("llama").model.layers[0].mlp  # 128 channels
+    router = torch.nn.Linear(64, 2, bias=False)
+    masks = torch.zeros(2, 128, dtype=torch.bool)
+    masks[0, :10] = True
+    masks[1, 5:40] = True  # union of 40 channels, padded to 64
+    moe = build_sparse_mlp(dense, MLPLayout(), router, masks, 1, "silu", 32)
+    assert moe.union_size == 64
+    assert moe.expert_widths().tolist() == [10, 35]
+    assert not moe.expert_blocks[:, 40:].any()
+    x = torch.randn(5, 64)
+    expected = dense.down_proj(
+        dense.act_fn(dense.gate_proj(x)) * dense.up_proj(x) * masks[0].float()
+    )
+    torch.nn.init.zeros_(moe.router.weight)  # every token to expert 0
+    torch.testing.assert_close(moe(x), expected, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.unit

@@ -50,3 +50,24 @@ def test_router_runs_in_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         hard, soft = router.route(x, 0.4, noise=False)
     assert soft.dtype == torch.float32
+
+
+@pytest.mark.unit
+def test_noise_scale_anneals_to_zero_on_the_last_step():
+    from tomoe_modifier.train import noise_scale
+
+    assert [noise_scale(s, 10, 0.0) for s in range(10)] == [1.0] * 10
+    scales = [noise_scale(s, 10, 0.5) for s in range(10)]
+    assert scales[:5] == [1.0] * 5
+    assert scales[-1] == 0.0
+    assert all(a >= b for a, b in zip(scales, scales[1:]))
+
+
+@pytest.mark.unit
+def test_scaled_noise_changes_samples_and_zero_noise_is_deterministic():
+    torch.manual_seed(0)
+    logits = torch.zeros(2000)
+    kept = gumbel_sigmoid_st(logits, 0.4, noise=1.0).mean()
+    assert 0.4 < kept < 0.75  # P(Gumbel > 0) = 1 - 1/e
+    mask = gumbel_sigmoid_st(logits + 0.1, 0.4, noise=0.0)
+    torch.testing.assert_close(mask, torch.ones(2000))

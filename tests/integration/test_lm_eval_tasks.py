@@ -1,0 +1,98 @@
+"""The tomoe_* lm-eval tasks on a tiny random Llama and a tiny synthetic text cache."""
+
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+
+import pytest
+from conftest import make_model, save_model
+
+from tomoe_modifier.lm_eval_tasks import evaluate_perplexity, include_path
+from tomoe_modifier.lm_eval_tasks.docs import load_docs
+
+TASKS = ("tomoe_wiki_test", "tomoe_news")
+
+
+@pytest.fixture
+def text_cache(tmp_path, monkeypatch):
+    """A complete text-v1 cache (prepare_text only checks the manifest) of tiny
+    articles in the test tokenizer's vocabulary, so nothing is downloaded."""
+    root = tmp_path / "cache"
+    folder = root / "text-v1"
+    folder.mkdir(parents=True)
+    rng = random.Random(0)
+    for split in ("wiki_train", "wiki_validation", "wiki_test", "news"):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i in range(4):
+                words = [f"w{rng.randrange(252)}" for _ in range(rng.randrange(20, 80))]
+                record = {"title": f"{split}-{i}", "text": " ".join(words)}
+                f.write(json.dumps(record) + "\n")
+    (folder / "manifest.json").write_text("{}\n")
+    monkeypatch.setenv("TOMOE_CACHE_DIR", str(root))
+    return root
+
+
+@pytest.mark.integration
+def test_docs_come_from_the_cache(text_cache):
+    docs = load_docs("news")["test"]
+    assert len(docs) == 4 and docs[0]["title"] == "news-0"
+    with pytest.raises(ValueError, match="valid names"):
+        load_docs("wikitext")
+
+
+@pytest.mark.integration
+def test_perplexity_is_finite_and_repeatable(tmp_path, text_cache):
+    model_dir = save_model(make_model("llama"), tmp_path / "model")
+    first = evaluate_perplexity(model_dir, TASKS, max_length=32)
+    second = evaluate_perplexity(model_dir, TASKS, max_length=32)
+    assert first["results"] == second["results"]
+    assert first["settings"]["max_length"] == 32
+    for task in TASKS:
+        row = first["results"][task]
+        assert math.isfinite(row["word_perplexity"]) and row["word_perplexity"] > 1
+        assert math.isfinite(row["bits_per_byte"])
+        assert row["documents"] == 4
+        # one token per word with the test tokenizer: token and word level agree
+        assert row["token_perplexity"] == pytest.approx(row["word_perplexity"])
+    # a shorter window gives each token less context: the numbers must change
+    longer = evaluate_perplexity(model_dir, TASKS, max_length=128)
+    assert longer["results"] != first["results"]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("lm_eval") is None, reason="lm_eval CLI not on PATH")
+def test_cli_with_include_path_matches_python(tmp_path, text_cache):
+    model_dir = save_model(make_model("llama"), tmp_path / "model")
+    expected = evaluate_perplexity(model_dir, TASKS, max_length=32)["results"]
+    out = tmp_path / "lm_eval_out"
+    cmd = [
+        "lm_eval",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={model_dir},trust_remote_code=True,dtype=float32,max_length=32",
+        "--tasks",
+        ",".join(TASKS),
+        "--include_path",
+        include_path(),
+        "--batch_size",
+        "4",
+        "--device",
+        "cpu",
+        "--output_path",
+        str(out),
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = out.glob("**/results_*.json")
+    results = json.loads(path.read_text())["results"]
+    for task in TASKS:
+        for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+            got = results[task][f"{metric},none"]
+            assert got == pytest.approx(expected[task][metric], rel=1e-6)

@@ -1,0 +1,234 @@
+"""Static structured-pruning baseline (Wanda-sp style) for the same active budget.
+
+ToMoE claims that routing each token to a sub-MLP beats simply deleting the same
+number of MLP channels for every token. This is that "simply deleting" model: each
+intermediate channel c of each MLP is scored by ``||x_c||_2 * ||W_down[:, c]||_2``
+(the L2 norm over calibration tokens of the down_proj input, times the norm of the
+weights it feeds), the top-k channels are kept, and the result is a plain, smaller
+dense model of the same family that every stock tool can load and run.
+
+k is the same in every layer, so ``config.intermediate_size = k`` describes the model,
+and is chosen like ToMoE's budget: attention stays dense and counts, and the active
+attention+MLP parameters over the dense attention+MLP parameters is the target,
+with k rounded to a multiple of the block size (ToMoE's ``width_multiple``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from tomoe_modifier.mappings import MLPLayout, get_layout
+
+__all__ = [
+    "channel_scores",
+    "iter_batches",
+    "prune_mlp_channels",
+    "prune_with_scores",
+    "width_for_ratio",
+]
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _mlps(model: nn.Module, layout: MLPLayout) -> list[nn.Module]:
+    layers = model.get_submodule(layout.layers)
+    return [getattr(layer, layout.mlp) for layer in layers]
+
+
+def iter_batches(dataset, batch_size: int = 4) -> Iterable[dict]:
+    """Batches of ``input_ids``/``attention_mask`` tensors from rows of token ids."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start : start + batch_size]
+        batch = {"input_ids": torch.tensor(rows["input_ids"])}
+        if "attention_mask" in rows:
+            batch["attention_mask"] = torch.tensor(rows["attention_mask"])
+        yield batch
+
+
+@torch.no_grad()
+def channel_scores(model: nn.Module, batches: Iterable[dict]) -> dict:
+    """
+    Wanda-sp channel scores of every MLP: ``||x_c||_2 * ||W_down[:, c]||_2``.
+
+    Only the decoder stack runs (no LM head); padded positions are left out.
+
+    :return: {"scores": [per layer, a float64 tensor of shape [intermediate]],
+        "tokens": calibration tokens counted, "samples": sequences seen}
+    """
+    _, layout = get_layout(model)
+    mlps = _mlps(model, layout)
+    downs = [getattr(m, layout.down_proj) for m in mlps]
+    sumsq = [torch.zeros(d.in_features, dtype=torch.float64) for d in downs]
+    valid: list[torch.Tensor | None] = [None]
+
+    def hook(index):
+        def accumulate(module, args):
+            x = args[0].reshape(-1, module.in_features).double()
+            if valid[0] is not None:
+                x = x[valid[0]]
+            sumsq[index] += x.square().sum(dim=0).cpu()
+
+        return accumulate
+
+    handles = [d.register_forward_pre_hook(hook(i)) for i, d in enumerate(downs)]
+    device = next(model.parameters()).device
+    backbone = model.get_submodule(layout.layers.rsplit(".", 1)[0])
+    tokens = samples = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            ids = batch["input_ids"].to(device)
+            mask = batch.get("attention_mask")
+            mask = torch.ones_like(ids) if mask is None else mask.to(device)
+            valid[0] = mask.reshape(-1).bool()
+            backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+            tokens += int(mask.sum())
+            samples += ids.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError(
+            "channel_scores saw no calibration tokens; pass batches with input_ids "
+            "(and attention_mask with at least one 1)"
+        )
+    scores = [
+        s.sqrt() * d.weight.detach().double().norm(dim=0).cpu()
+        for s, d in zip(sumsq, downs)
+    ]
+    return {"scores": scores, "tokens": tokens, "samples": samples}
+
+
+def width_for_ratio(
+    model: nn.Module, target_active_ratio: float, multiple: int = 64
+) -> dict:
+    """
+    Uniform MLP width k whose active attention+MLP ratio is closest to the target.
+
+    Counted like ToMoE's budget (``tomoe_modifier.stats``): all attention
+    parameters plus ``3 * hidden`` (+2 with gate/up biases) per kept channel and
+    any down_proj bias, over attention plus the full MLPs.
+    """
+    if not 0 < target_active_ratio <= 1:
+        raise ValueError(
+            f"target_active_ratio must be in (0, 1], got {target_active_ratio}"
+        )
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    _, layout = get_layout(model)
+    layers = model.get_submodule(layout.layers)
+    mlps = _mlps(model, layout)
+    hidden = model.config.hidden_size
+    attention = sum(_params(getattr(layer, layout.attention)) for layer in layers)
+    gate = getattr(mlps[0], layout.gate_proj)
+    down = getattr(mlps[0], layout.down_proj)
+    width = gate.out_features
+    per_channel = 3 * hidden + (2 if gate.bias is not None else 0)
+    down_bias = 0 if down.bias is None else hidden
+    n = len(mlps)
+    dense = attention + n * (per_channel * width + down_bias)
+    exact = (target_active_ratio * dense - attention - n * down_bias) / (
+        n * per_channel
+    )
+    if exact <= 0:
+        floor = (attention + n * down_bias) / dense
+        raise ValueError(
+            f"target_active_ratio {target_active_ratio} is at or below the dense "
+            f"attention share {floor:.3f}; no MLP channel would remain. Raise it."
+        )
+    k = int(math.floor(exact / multiple + 0.5)) * multiple
+    k = max(multiple, min(k, width))
+    active = attention + n * (per_channel * k + down_bias)
+    return {
+        "intermediate_size": k,
+        "dense_intermediate_size": width,
+        "exact_width": exact,
+        "active_ratio": active / dense,
+        "attention_share": attention / dense,
+        "dense_attention_mlp_params": dense,
+    }
+
+
+def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear keeping ``index`` along ``dim`` (0: outputs, 1: inputs)."""
+    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
+    out_f, in_f = weight.shape
+    bias = linear.bias is not None
+    new = nn.Linear(in_f, out_f, bias=bias, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias:
+            b = linear.bias.detach()
+            new.bias.copy_(b.index_select(0, index.to(b.device)) if dim == 0 else b)
+    return new
+
+
+@torch.no_grad()
+def prune_with_scores(
+    model: nn.Module,
+    scores: list[torch.Tensor],
+    target_active_ratio: float,
+    multiple: int = 64,
+) -> tuple[nn.Module, dict]:
+    """Keep the top-k scored channels of every MLP (k from ``width_for_ratio``)."""
+    _, layout = get_layout(model)
+    mlps = _mlps(model, layout)
+    if len(scores) != len(mlps):
+        raise ValueError(
+            f"got scores for {len(scores)} MLPs but the model has {len(mlps)}; "
+            "compute them with channel_scores on this model"
+        )
+    plan = width_for_ratio(model, target_active_ratio, multiple)
+    k = plan["intermediate_size"]
+    kept_mass = []
+    for mlp, score in zip(mlps, scores):
+        if score.numel() != getattr(mlp, layout.gate_proj).out_features:
+            raise ValueError("scores do not match the MLP width; recompute them")
+        keep = torch.topk(score, k).indices.sort().values
+        kept_mass.append(float(score[keep].sum() / score.sum().clamp_min(1e-30)))
+        for name in (layout.gate_proj, layout.up_proj):
+            setattr(mlp, name, _slice_linear(getattr(mlp, name), keep, dim=0))
+        name = layout.down_proj
+        setattr(mlp, name, _slice_linear(getattr(mlp, name), keep, dim=1))
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = k
+    model.config.intermediate_size = k
+    report = {
+        "method": "wanda-sp (||x_c||_2 * ||W_down[:, c]||_2), uniform width",
+        "target_active_ratio": target_active_ratio,
+        "multiple": multiple,
+        **plan,
+        "score_mass_kept": kept_mass,
+    }
+    return model, report
+
+
+def prune_mlp_channels(
+    model: nn.Module,
+    calibration_batches: Iterable[dict],
+    target_active_ratio: float,
+    multiple: int = 64,
+) -> tuple[nn.Module, dict]:
+    """
+    Score channels on ``calibration_batches`` and prune every MLP in place to a
+    uniform width; save the result with ``save_pretrained`` as a plain model.
+
+    :return: the pruned model and a report (width, achieved active ratio,
+        calibration tokens, fraction of score mass kept per layer)
+    """
+    scored = channel_scores(model, calibration_batches)
+    model, report = prune_with_scores(
+        model, scored["scores"], target_active_ratio, multiple
+    )
+    report.update(tokens=scored["tokens"], samples=scored["samples"])
+    return model, report
