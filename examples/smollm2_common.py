@@ -42,8 +42,8 @@ def peak_rss_mib() -> float:
 def add_tomoe_arguments(parser: argparse.ArgumentParser) -> None:
     """The training budget both examples share (sized for a 2-core CPU)."""
     parser.add_argument("--ratio", type=float, default=0.5, help="target active ratio")
-    parser.add_argument("--iters", type=int, default=480, help="optimizer steps")
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--iters", type=int, default=800, help="optimizer steps")
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seq-len", type=int, default=128, help="training length")
     parser.add_argument("--batch-size", type=int, default=4)
     # Select number of samples. 512 samples is a good place to start. ToMoE cycles

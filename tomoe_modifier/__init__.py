@@ -3,7 +3,9 @@
 Importing this package registers ``ToMoEModifier`` with llm-compressor's
 ModifierFactory (so YAML recipes and saved ``recipe.yaml`` files can name it) and
 the converted architectures with transformers' Auto classes (so
-``AutoModelForCausalLM.from_pretrained`` loads converted checkpoints).
+``AutoModelForCausalLM.from_pretrained`` loads converted checkpoints), and makes
+the ``recipe.yaml`` that oneshot saves loadable again when it holds enum-valued
+fields such as GPTQ's ``actorder`` (``tomoe_modifier.recipe_yaml``).
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -13,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from tomoe_modifier.base import ToMoEModifier
 from tomoe_modifier.modeling_tomoe import TOMOE_ARCHITECTURES, ToMoESparseMLP
+from tomoe_modifier.recipe_yaml import register_enum_representer
 
 try:
     __version__ = version("tomoe-modifier")
@@ -22,6 +25,7 @@ except PackageNotFoundError:  # running from a source tree without installing
 __all__ = ["ToMoEModifier", "ToMoESparseMLP", "__version__"]
 
 ModifierFactory.register("ToMoEModifier", ToMoEModifier)
+register_enum_representer()  # saved recipe.yaml files stay loadable (see module)
 for _config_cls, _model_cls in TOMOE_ARCHITECTURES.values():
     AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)
     AutoModelForCausalLM.register(_config_cls, _model_cls, exist_ok=True)

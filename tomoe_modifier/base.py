@@ -120,7 +120,7 @@ class ToMoEModifier(Modifier):
     union_weight: float = 3.0
     balance_weight: float = 1.0
     temperature: float = 0.4
-    noise_anneal: float = 0.0
+    noise_anneal: float = 0.25
     lr_schedule: Literal["constant", "cosine"] = "constant"
     mask_offset: float = 3.0
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"

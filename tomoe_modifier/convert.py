@@ -39,28 +39,24 @@ def final_block_masks(
 def order_union_blocks(masks: torch.Tensor) -> list[int]:
     """
     Storage order for the blocks any expert uses, chosen so each expert covers few
-    contiguous runs: blocks with the same expert membership sit together, and
-    each next group differs least from the previous one. masks: bool [E, N].
+    contiguous runs: blocks are sorted by the reflected-Gray-code rank of their
+    expert membership (widest expert as the most significant bit), so blocks with
+    the same membership sit together, neighbouring groups differ in one expert,
+    and the widest experts are split least. masks: bool [E, N].
     """
-    used = masks.any(dim=0).nonzero().flatten().tolist()
-    groups: dict[tuple, list[int]] = {}
-    for j in used:
-        groups.setdefault(tuple(masks[:, j].tolist()), []).append(j)
-    remaining = sorted(groups, key=lambda s: (-sum(s), s))
-    order: list[int] = []
-    current = None
-    while remaining:
-        if current is None:
-            nxt = remaining[0]
-        else:
-            nxt = min(
-                remaining,
-                key=lambda s: (sum(a != b for a, b in zip(s, current)), -sum(s)),
-            )
-        remaining.remove(nxt)
-        order.extend(groups[nxt])
-        current = nxt
-    return order
+    widths = masks.sum(dim=1).tolist()
+    significance = sorted(range(masks.shape[0]), key=lambda e: -widths[e])
+    members = masks[significance].t().tolist()  # [N][E], most significant first
+
+    def gray_rank(bits: list[bool]) -> int:
+        rank, parity = 0, 0
+        for bit in bits:
+            parity ^= int(bit)
+            rank = 2 * rank + parity
+        return rank
+
+    used = [j for j in range(masks.shape[1]) if any(members[j])]
+    return sorted(used, key=lambda j: gray_rank(members[j]))
 
 
 @torch.no_grad()

@@ -50,15 +50,33 @@ __all__ = [
     "TOMOE_ARCHITECTURES",
     "blocks_to_ranges",
     "merge_ranges",
+    "slice_overhead",
 ]
 
 
-# Cost model of the CPU fast path, in "channel reads": one extra weight slice costs
-# about as much as reading this many more channels (op launch + Python, measured
-# ~15 us per slice against ~0.2 us per channel for SmolLM2 at batch 1), and a
-# GEMM stops being memory-bound (weights read once) at about this many tokens.
-SLICE_OVERHEAD_CHANNELS = 64
+# Cost model of the CPU fast path, in "channel reads": one more weight slice costs
+# about as much as reading this many more channels (op launch + Python: on a
+# 2-core Xeon, ~10 us per small fp32 GEMV against ~0.2 us per channel of a SmolLM2
+# MLP; small bf16 GEMMs go through oneDNN and cost ~40 us each), and a GEMM stops
+# being memory-bound (weights read once for all tokens) at about this many tokens.
+SLICE_OVERHEAD_CHANNELS = {torch.float32: 64, torch.bfloat16: 384, torch.float16: 384}
+# oneDNN (bf16/fp16 GEMMs on CPU) builds a kernel per new GEMM shape, and expert
+# token groups change size every call: a sliced multi-token bf16 MLP ran at half
+# the dense speed, so for those dtypes batches use the union path.
+GROUPED_SLICE_OVERHEAD_FACTOR = {torch.bfloat16: 64, torch.float16: 64}
 MEMORY_BOUND_TOKENS = 8
+# Above this many tokens gate and up are two GEMMs on strided row views of
+# gate_up_proj, so the activation reads contiguous memory (the interleaved
+# [T, w, 2] view made SiLU 5x slower than the GEMM itself at 512 tokens).
+SPLIT_GATE_UP_TOKENS = 4
+
+
+def slice_overhead(dtype: torch.dtype, tokens: int = 1) -> int:
+    """Cost of one more weight slice, in channels (see SLICE_OVERHEAD_CHANNELS)."""
+    overhead = SLICE_OVERHEAD_CHANNELS.get(dtype, 64)
+    if tokens > 1:
+        overhead *= GROUPED_SLICE_OVERHEAD_FACTOR.get(dtype, 1)
+    return overhead
 
 
 def blocks_to_ranges(blocks: list[bool], block_size: int) -> list[tuple[int, int]]:
@@ -170,6 +188,14 @@ class ToMoESparseMLP(nn.Module):
             self._plans[key] = plan
         return plan
 
+    def _token_masks(self, dtype: torch.dtype) -> torch.Tensor:
+        """channel_mask() in ``dtype``, cached with the plans. [E, U]"""
+        self._check_plans()
+        key = ("mask", dtype)
+        if key not in self._plans:
+            self._plans[key] = self.channel_mask().to(dtype)
+        return self._plans[key]
+
     @staticmethod
     def _token_cost(tokens: int) -> float:
         return max(1.0, tokens / MEMORY_BOUND_TOKENS)
@@ -200,7 +226,7 @@ class ToMoESparseMLP(nn.Module):
         )
 
     def _forward_masked(self, x: torch.Tensor, expert_ids: torch.Tensor):
-        """Reference path: full union width, then the token's expert mask."""
+        """Reference path: full union width through the modules, then the mask."""
         gate_up = self.gate_up_proj(x).view(-1, self.union_size, 2)  # [T, U, 2]
         h = self.act_fn(gate_up[..., 0]) * gate_up[..., 1]  # [T, U]
         mask = self.channel_mask()[expert_ids].to(h.dtype)  # [T, U]
@@ -212,16 +238,32 @@ class ToMoESparseMLP(nn.Module):
             return F.linear(h * mask, weight.to(h.dtype), bias)
         return self.down_proj(h * mask)
 
+    def _gated(self, x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """act(gate) * up of union channels [a, b) for tokens x [T, D] -> [T, b-a]."""
+        weight, bias = self.gate_up_proj.weight, self.gate_up_proj.bias
+        if x.shape[0] > SPLIT_GATE_UP_TOKENS:
+            gate = F.linear(
+                x,
+                weight[2 * a : 2 * b : 2],
+                None if bias is None else bias[2 * a : 2 * b : 2],
+            )
+            up = F.linear(
+                x,
+                weight[2 * a + 1 : 2 * b : 2],
+                None if bias is None else bias[2 * a + 1 : 2 * b : 2],
+            )
+            return self.act_fn(gate) * up
+        gate_up = F.linear(
+            x, weight[2 * a : 2 * b], None if bias is None else bias[2 * a : 2 * b]
+        ).view(-1, b - a, 2)  # [T, w, 2]
+        return self.act_fn(gate_up[..., 0]) * gate_up[..., 1]
+
     def _expert_forward(self, xe: torch.Tensor, plan: list) -> torch.Tensor:
         """One expert on its tokens xe [Te, D], from views of its weight ranges."""
-        w_gate_up, b_gate_up = self.gate_up_proj.weight, self.gate_up_proj.bias
         w_down = self.down_proj.weight  # [D, U]
         out = None
         for a, b, keep in plan:
-            bias = None if b_gate_up is None else b_gate_up[2 * a : 2 * b]
-            gate_up = F.linear(xe, w_gate_up[2 * a : 2 * b], bias)  # [Te, 2w]
-            gate_up = gate_up.view(-1, b - a, 2)
-            h = self.act_fn(gate_up[..., 0]) * gate_up[..., 1]  # [Te, w]
+            h = self._gated(xe, a, b)  # [Te, w]
             if keep is not None:
                 h = h * keep  # channels of the gap that are not this expert's
             if out is None:
@@ -235,37 +277,40 @@ class ToMoESparseMLP(nn.Module):
     def _forward_sliced(self, x: torch.Tensor, expert_ids: torch.Tensor):
         """Fast path: each expert multiplies only views of its weight ranges."""
         num_tokens = x.shape[0]
+        overhead = slice_overhead(x.dtype, num_tokens)
         if num_tokens == 1:
-            e = int(expert_ids[0])
             out = self._expert_forward(
-                x, self._plan(e, SLICE_OVERHEAD_CHANNELS, x.dtype)
+                x, self._plan(int(expert_ids[0]), overhead, x.dtype)
             )
         else:
             counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
             plans, sliced_cost = {}, 0.0
             for e, n in enumerate(counts):
                 if n:
+                    plans[e] = self._plan(e, overhead, x.dtype)
                     scale = self._token_cost(n)
-                    gap = int(SLICE_OVERHEAD_CHANNELS / scale)
-                    plans[e] = self._plan(e, gap, x.dtype)
                     sliced_cost += sum(
-                        SLICE_OVERHEAD_CHANNELS + (b - a) * scale
-                        for a, b, _ in plans[e]
+                        overhead + (b - a) * scale for a, b, _ in plans[e]
                     )
-            union_cost = 2 * SLICE_OVERHEAD_CHANNELS + self.union_size * (
-                self._token_cost(num_tokens)
-            )
+            union_cost = 2 * overhead + self.union_size * self._token_cost(num_tokens)
             if union_cost < sliced_cost:
-                return self._forward_masked(x, expert_ids)
-            order = torch.argsort(expert_ids, stable=True)
-            out = x.new_empty(num_tokens, self.hidden_size)  # [T, D]
-            start = 0
-            for e, n in enumerate(counts):
-                if n:
-                    index = order[start : start + n]
-                    ye = self._expert_forward(x.index_select(0, index), plans[e])
-                    out.index_copy_(0, index, ye)
-                start += n
+                # the batch's experts would read more than the whole union: run the
+                # union once and zero each token's foreign channels
+                h = (
+                    self._gated(x, 0, self.union_size)
+                    * self._token_masks(x.dtype)[expert_ids]
+                )
+                out = h @ self.down_proj.weight.t()
+            else:
+                order = torch.argsort(expert_ids, stable=True)
+                out = x.new_empty(num_tokens, self.hidden_size)  # [T, D]
+                start = 0
+                for e, n in enumerate(counts):
+                    if n:
+                        index = order[start : start + n]
+                        ye = self._expert_forward(x.index_select(0, index), plans[e])
+                        out.index_copy_(0, index, ye)
+                    start += n
         if self.down_proj.bias is not None:
             out = out + self.down_proj.bias
         return out

@@ -109,3 +109,24 @@ def test_calibration_flag_shows_down_proj_every_channel():
         calibrated = moe(x)
     torch.testing.assert_close(calibrated, routed)
     assert (seen[-1] != 0).all(), "observers must see every channel on every token"
+
+
+@pytest.mark.integration
+def test_saved_quantization_recipe_loads_back_and_reruns(tmp_path):
+    from llmcompressor.core import active_session
+
+    _, out = _quantize(tmp_path, "tomoe_50_w4a16.yaml")
+    saved = out / "recipe.yaml"
+    text = saved.read_text()
+    assert "ToMoEModifier" in text and "GPTQModifier" in text
+    active_session().reset()
+    model = oneshot(
+        model=str(tmp_path / "dense"),
+        dataset=make_dataset(num_samples=16, seq_len=32),
+        recipe=str(saved),
+        max_seq_length=32,
+        num_calibration_samples=16,
+        batch_size=4,
+    )
+    moes = [m for m in model.modules() if isinstance(m, ToMoESparseMLP)]
+    assert moes and all(hasattr(m.down_proj, "quantization_scheme") for m in moes)

@@ -12,13 +12,22 @@ from tomoe_modifier.train import GatedMLPs
 BLOCK = 16
 
 
-def _trained_like_gates(model, experts=4, seed=0):
+def _converted(family="llama", block=BLOCK, seed=0):
+    model = make_model(family)
+    hn, routers = _trained_like_gates(model, block=block, seed=seed)
+    masks = final_block_masks(hn, routers, 0.4)
+    arch, layout = get_layout(model)
+    convert_model(model, arch, layout, [0, 1], routers, masks, block, 4)
+    return model
+
+
+def _trained_like_gates(model, experts=4, seed=0, block=BLOCK):
     """Routers/hypernetwork with random weights so experts differ and drop blocks."""
     torch.manual_seed(seed)
     layers = model.model.layers
     hn = ExpertHypernetwork(len(layers), experts)
     routers = [
-        LayerRouter(model.config.hidden_size, experts, 128 // BLOCK, offset=0.0)
+        LayerRouter(model.config.hidden_size, experts, 128 // block, offset=0.0)
         for _ in layers
     ]
     for r in routers:
@@ -29,11 +38,12 @@ def _trained_like_gates(model, experts=4, seed=0):
 
 @pytest.mark.unit
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
-def test_converted_logits_equal_gated_logits(family):
+@pytest.mark.parametrize("block", [1, BLOCK])
+def test_converted_logits_equal_gated_logits(family, block):
     model = make_model(family)
-    hn, routers = _trained_like_gates(model)
+    hn, routers = _trained_like_gates(model, block=block)
     mlps = [layer.mlp for layer in model.model.layers]
-    gates = GatedMLPs(mlps, [m.down_proj for m in mlps], routers, BLOCK, 0.4)
+    gates = GatedMLPs(mlps, [m.down_proj for m in mlps], routers, block, 0.4)
     gates.noise = False
     masks = final_block_masks(hn, routers, 0.4)
     assert any(not m.all() for m in masks), "test needs experts that drop blocks"
@@ -42,7 +52,7 @@ def test_converted_logits_equal_gated_logits(family):
     with torch.no_grad(), gates:
         gated = model(x).logits
     arch, layout = get_layout(model)
-    convert_model(model, arch, layout, [0, 1], routers, masks, BLOCK, 4)
+    convert_model(model, arch, layout, [0, 1], routers, masks, block, 4)
     assert type(model).__name__.startswith("ToMoE")
     with torch.no_grad():
         converted = model(x).logits
@@ -56,4 +66,41 @@ def test_order_union_blocks_keeps_used_blocks_once():
     )
     order = order_union_blocks(masks)
     assert sorted(order) == [0, 1, 2, 4]
-    assert order[0] == 4  # the block every expert uses goes first
+
+
+@pytest.mark.unit
+def test_order_union_blocks_keeps_the_widest_expert_contiguous():
+    torch.manual_seed(0)
+    masks = torch.rand(6, 200) > 0.5
+    masks[2, :150] = True  # expert 2 is the widest
+    order = order_union_blocks(masks)
+    ordered = masks[:, order].int()
+    runs = torch.diff(ordered, dim=1, prepend=torch.zeros(6, 1, dtype=torch.int)) == 1
+    assert runs[2].sum() == 1
+    patterns = [tuple(masks[:, j].tolist()) for j in order]
+    starts = {}
+    for pos, pattern in enumerate(patterns):  # equal membership sits together
+        assert pattern not in starts or patterns[pos - 1] == pattern
+        starts.setdefault(pattern, pos)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("block", [1, 16])
+def test_kv_cache_decoding_equals_full_forward(block):
+    model = _converted(block=block)
+    prompt = torch.randint(4, 256, (2, 7))
+    with torch.no_grad():
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=1,
+        )
+        full = model(out.sequences).logits  # one forward, no cache
+    cached = torch.stack(out.logits, dim=1)  # [B, 12, V], one token at a time
+    torch.testing.assert_close(cached, full[:, 6:-1], atol=1e-4, rtol=1e-4)
+    assert torch.equal(out.sequences[:, 7:], full[:, 6:-1].argmax(-1))

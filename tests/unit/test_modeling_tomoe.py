@@ -60,14 +60,15 @@ def test_gap_merging_and_union_fallback_stay_exact(monkeypatch):
     ids = moe.router(x).argmax(-1)
     reference = moe._forward_masked(x, ids)
     for overhead in (0, 8, 10_000):  # no merging, some gaps, whole spans
-        monkeypatch.setattr(modeling, "SLICE_OVERHEAD_CHANNELS", overhead)
+        monkeypatch.setattr(modeling, "SLICE_OVERHEAD_CHANNELS", {x.dtype: overhead})
         moe._plans.clear()
-        for t in (1, 9):
+        for t in (1, 3, 9):
             torch.testing.assert_close(
                 moe._forward_sliced(x[:t], ids[:t]), reference[:t]
             )
-    plans = moe._plans.values()
+    plans = [v for k, v in moe._plans.items() if k[0] != "mask"]
     assert any(keep is not None for plan in plans for _, _, keep in plan)
+    assert ("mask", x.dtype) in moe._plans, "the union fallback never ran"
 
 
 @pytest.mark.unit
