@@ -1,0 +1,84 @@
+"""Helpers shared by the benchmark scripts: model descriptions and JSON files.
+
+Not a script. The scripts put their own folder on ``sys.path`` (Python does this
+for ``python benchmarks/x.py``), so they import this as ``bench_common``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = [
+    "BENCH_META",
+    "describe_model",
+    "folder_mib",
+    "load_json",
+    "now",
+    "write_json",
+]
+
+# Written last by sweep.py into each model folder: marks a finished run and says
+# what the model is (method, target and achieved active ratio, calibration cost).
+BENCH_META = "bench_meta.json"
+
+
+def now() -> str:
+    """Local date and time with offset, for the JSON files and the report."""
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write ``obj`` atomically (temp file + rename), so a kill leaves no half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
+    os.replace(tmp, path)
+    return path
+
+
+def load_json(path: str | Path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def folder_mib(path: str | Path) -> float:
+    """Size on disk of the files of a model folder (what a user downloads)."""
+    files = [p for p in Path(path).rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
+def describe_model(path: str | Path) -> dict:
+    """Name, method and active ratio of a model folder (from sweep.py's marker)."""
+    path = Path(path)
+    config = load_json(path / "config.json")
+    meta_path = path / BENCH_META
+    meta = load_json(meta_path) if meta_path.is_file() else {}
+    model_type = config.get("model_type", "")
+    method = meta.get("method") or (
+        "tomoe" if model_type.startswith("tomoe_") else "dense"
+    )
+    if method == "dense":
+        target = achieved = 1.0
+    else:
+        target = meta.get("target_active_ratio")
+        achieved = meta.get("active_ratio")
+    return {
+        "name": path.name,
+        "path": str(path.resolve()),
+        "method": method,
+        "model_type": model_type,
+        "target_active_ratio": target,
+        "active_ratio": achieved,
+        "intermediate_size": config.get("intermediate_size"),
+        "moe_union_sizes": config.get("moe_union_sizes"),
+        "num_experts": config.get("num_experts"),
+        "folder_mib": round(folder_mib(path), 2),
+    }
