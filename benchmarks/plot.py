@@ -3,11 +3,12 @@ Plots of the sweep: perplexity and speed-up against the active parameter ratio.
 
     python benchmarks/plot.py [--results outputs/bench/results] [--out-dir benchmarks]
 
-Reads ``RESULTS/quality/*.json`` (quality.py) and the newest ``RESULTS/speed*.json``
-(speed.py, or ``--speed FILE``) and writes ``OUT_DIR/ppl_vs_active_ratio.png``
-(one panel per task: ToMoE and the static baseline against the measured active
-ratio, dense as a horizontal line) and ``OUT_DIR/speedup_vs_active_ratio.png``
-(decode batch 1, decode batch N and prefill tokens/s over dense's).
+Reads ``RESULTS/quality/*.json`` (quality.py) and, per dtype, the newest
+``RESULTS/speed*.json`` (speed.py, or ``--speed FILE``) and writes
+``OUT_DIR/ppl_vs_active_ratio.png`` (one panel per task: ToMoE and the static
+baseline against the measured active ratio, dense as a horizontal line) and
+``OUT_DIR/speedup_vs_active_ratio_<dtype>.png`` (decode batch 1, decode batch N and
+prefill tokens/s over dense's).
 """
 
 from __future__ import annotations
@@ -36,17 +37,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_results(results: Path, speed: str | None = None) -> tuple[list, dict | None]:
-    """Quality records and the chosen speed record (None if there is none)."""
+def load_results(results: Path, speed: str | None = None) -> tuple[list, list]:
+    """Quality records and the speed records: the newest per dtype, float32 first."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_common import load_json
 
     quality = [load_json(p) for p in sorted((results / "quality").glob("*.json"))]
     if speed:
-        return quality, load_json(speed)
+        return quality, [load_json(speed)]
     files = [load_json(p) for p in results.glob("speed*.json")]
     files.sort(key=lambda r: r.get("finished", ""))
-    return quality, (files[-1] if files else None)
+    newest = {r["settings"]["dtype"]: r for r in files}
+    return quality, [newest[d] for d in sorted(newest, key=lambda d: d != "float32")]
+
+
+def speed_plot_name(speed: dict) -> str:
+    return f"speedup_vs_active_ratio_{speed['settings']['dtype']}.png"
 
 
 def _series(rows: list[tuple[str, float, float]]):
@@ -140,7 +146,7 @@ def main(argv=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    quality, speed = load_results(Path(args.results), args.speed)
+    quality, speeds = load_results(Path(args.results), args.speed)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -148,8 +154,8 @@ def main(argv=None) -> None:
         written.append(
             plot_quality(quality, args.metric, out / "ppl_vs_active_ratio.png")
         )
-    if speed:
-        written.append(plot_speed(speed, out / "speedup_vs_active_ratio.png"))
+    for speed in speeds:
+        written.append(plot_speed(speed, out / speed_plot_name(speed)))
     written = [str(p) for p in written if p]
     if not written:
         raise SystemExit(

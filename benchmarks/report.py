@@ -5,10 +5,11 @@ Write benchmarks/RESULTS.md from the benchmark JSONs: every number with its sett
         [--out benchmarks/RESULTS.md]
 
 Reads the sweep summaries (``RESULTS/sweep-*.json``), ``RESULTS/quality/*.json``,
-the newest ``RESULTS/speed*.json`` (or ``--speed FILE``) and each model folder's
-``bench_meta.json``, and writes Markdown tables: model/hardware/date header,
-settings, perplexity, speed and memory, calibration cost; the plots of plot.py are
-linked when they sit next to the report.
+the newest ``RESULTS/speed*.json`` per dtype (or ``--speed FILE``), the decode
+profiles ``RESULTS/profile-*.json`` and each model folder's ``bench_meta.json``,
+and writes Markdown tables: model/hardware/date header, settings, perplexity, speed
+and memory per dtype, where decode time goes, calibration cost; the plots of
+plot.py are linked when they sit next to the report.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import BENCH_META, load_json, now  # noqa: E402
-from plot import TASK_TITLES, load_results  # noqa: E402
+from plot import TASK_TITLES, load_results, speed_plot_name  # noqa: E402
 
 METHOD_NAMES = {"dense": "dense", "tomoe": "ToMoE", "static": "static Wanda-sp"}
-PLOTS = ("ppl_vs_active_ratio.png", "speedup_vs_active_ratio.png")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,8 +58,8 @@ def sort_key(model: dict):
     return (-(model.get("active_ratio") or 0), order.get(model["method"], 3))
 
 
-def header_lines(quality, speed, sweeps) -> list[str]:
-    records = [*quality, *([speed] if speed else []), *sweeps]
+def header_lines(quality, speeds, sweeps) -> list[str]:
+    records = [*quality, *speeds, *sweeps]
     machine = records[0]["machine"] if records else {}
     dense_path = next(
         (q["model"]["path"] for q in quality if q["model"]["method"] == "dense"),
@@ -98,7 +98,7 @@ def header_lines(quality, speed, sweeps) -> list[str]:
     ]
 
 
-def settings_lines(quality, speed, sweeps) -> list[str]:
+def settings_lines(quality, speeds, sweeps) -> list[str]:
     lines = ["## Settings", ""]
     if sweeps:
         s = sweeps[-1]["settings"]
@@ -127,10 +127,10 @@ def settings_lines(quality, speed, sweeps) -> list[str]:
             f"{q['limit'] or 'none'}. Token perplexity counts the tokens of each "
             "model's own tokenizer; word perplexity splits on whitespace."
         )
-    if speed:
+    for speed in speeds:
         s = speed["settings"]
         lines.append(
-            f"- **Speed**: {s['dtype']} (`--dtype {s['dtype_arg']}`), {s['threads']} "
+            f"- **Speed, {s['dtype']}**: {s['threads']} "
             f"threads, median of {s['rounds']} rounds ({s['order']}). Decode: "
             f"{s['prompt_tokens']}-token prompts ({s['prompt_source']}), exactly "
             f"{s['new_tokens']} new tokens, {s['decoding']}; decode tokens/s exclude "
@@ -140,7 +140,8 @@ def settings_lines(quality, speed, sweeps) -> list[str]:
         load = speed.get("load_average")
         if load:
             lines.append(
-                f"- **Machine load** during the speed run (1/5/15-min load average): "
+                f"- **Machine load** during the {s['dtype']} speed run (1/5/15-min "
+                "load average): "
                 f"start {', '.join(f'{x:.2f}' for x in load['start'])}; end "
                 f"{', '.join(f'{x:.2f}' for x in load['end'])}. Timings are only "
                 "meaningful on an otherwise idle machine."
@@ -217,11 +218,54 @@ def speed_lines(speed) -> list[str]:
             ]
         )
     return [
-        "## Speed and memory (higher tok/s is better)",
+        f"## Speed and memory, {speed['settings']['dtype']} (higher tok/s is better)",
         "",
         *table(header, rows),
         "",
     ]
+
+
+def profile_lines(profiles: list[dict]) -> list[str]:
+    lines = []
+    for prof in profiles:
+        s = prof["settings"]
+        dense = next((m for m in prof["models"] if m["method"] == "dense"), None)
+        header = [
+            "model",
+            "active ratio",
+            "ms/token",
+            "attention",
+            "MLP",
+            "lm_head",
+            "other",
+            "x dense",
+        ]
+        rows = []
+        for m in sorted(prof["models"], key=sort_key):
+            parts = m["parts_ms_per_token"]
+            speedup = dense["ms_per_token"] / m["ms_per_token"] if dense else None
+            rows.append(
+                [
+                    m["name"],
+                    fmt(m.get("active_ratio"), ".3f"),
+                    f"{m['ms_per_token']:.2f}",
+                    *(f"{parts[k]:.2f}" for k in ("attention", "mlp", "lm_head")),
+                    f"{parts['other']:.2f}",
+                    fmt(speedup),
+                ]
+            )
+        lines += [
+            f"## Where batch-1 decode time goes, {s['dtype']} (ms per token)",
+            "",
+            f"{s['new_tokens']} new tokens after a {s['prompt_tokens']}-token prompt, "
+            f"{s['threads']} threads, median of {s['rounds']} rounds; parts timed by "
+            "forward hooks (the hooks add a little), 'other' is the rest of "
+            "`generate` (embeddings, norms, residuals, the generation loop).",
+            "",
+            *table(header, rows),
+            "",
+        ]
+    return lines
 
 
 def calibration_lines(models: list[dict]) -> list[str]:
@@ -249,22 +293,27 @@ def calibration_lines(models: list[dict]) -> list[str]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     results = Path(args.results)
-    quality, speed = load_results(results, args.speed)
+    quality, speeds = load_results(results, args.speed)
+    profiles = [load_json(p) for p in sorted(results.glob("profile-*.json"))]
     sweeps = [load_json(p) for p in sorted(results.glob("sweep-*.json"))]
     sweeps.sort(key=lambda r: r.get("finished", ""))
-    if not quality and not speed:
+    if not quality and not speeds:
         raise SystemExit(
             f"no quality/ or speed*.json results in {results}; run the benchmarks first"
         )
     out = Path(args.out)
     models = {m["path"]: m for m in [q["model"] for q in quality]}
-    models.update({m["path"]: m for m in (speed["models"] if speed else [])})
-    lines = header_lines(quality, speed, sweeps)
-    lines += settings_lines(quality, speed, sweeps)
+    for speed in speeds:
+        models.update({m["path"]: m for m in speed["models"]})
+    lines = header_lines(quality, speeds, sweeps)
+    lines += settings_lines(quality, speeds, sweeps)
     lines += quality_lines(quality)
-    lines += speed_lines(speed)
+    for speed in speeds:
+        lines += speed_lines(speed)
+    lines += profile_lines(profiles)
     lines += calibration_lines(list(models.values()))
-    plots = [p for p in PLOTS if (out.parent / p).is_file()]
+    names = ["ppl_vs_active_ratio.png", *(speed_plot_name(s) for s in speeds)]
+    plots = [p for p in names if (out.parent / p).is_file()]
     if plots:
         lines += ["## Plots", ""]
         lines += [f"![{p}]({p})" for p in plots]

@@ -11,7 +11,7 @@
 # (benchmarks/RESULTS.md + PNGs). About 25 minutes per ToMoE model on a 2-core CPU,
 # plus about an hour of evaluation. For a smoke test on a tiny model, set MODEL
 # (dense folder), REPORT_DIR and extra flags in SWEEP_ARGS / QUALITY_ARGS /
-# SPEED_ARGS.
+# SPEED_ARGS / PROFILE_ARGS (tests/integration/test_benchmarks.py does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -24,6 +24,7 @@ REPORT_DIR=${REPORT_DIR:-benchmarks}
 read -r -a SWEEP_EXTRA <<< "${SWEEP_ARGS:-}"
 read -r -a QUALITY_EXTRA <<< "${QUALITY_ARGS:-}"
 read -r -a SPEED_EXTRA <<< "${SPEED_ARGS:-}"
+read -r -a PROFILE_EXTRA <<< "${PROFILE_ARGS:-}"
 read -r -a IMPORTS <<< "${IMPORT_TOMOE:-}"
 
 if [ -n "${MODEL:-}" ]; then
@@ -55,6 +56,6 @@ for dir in "$ROOT"/models/tomoe-p*; do
   if [ -f "$dir/bench_meta.json" ]; then TOMOE_MODELS+=("$dir"); fi
 done
 python benchmarks/profile_decode.py "$DENSE" "${TOMOE_MODELS[@]}" \
-  --rounds "$ROUNDS" --out "$ROOT/results/profile-float32.json"
+  --rounds "$ROUNDS" --out "$ROOT/results/profile-float32.json" "${PROFILE_EXTRA[@]}"
 python benchmarks/plot.py --results "$ROOT/results" --out-dir "$REPORT_DIR"
 python benchmarks/report.py --results "$ROOT/results" --out "$REPORT_DIR/RESULTS.md"

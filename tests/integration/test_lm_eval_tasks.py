@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import random
 import shutil
 import subprocess
 
@@ -14,25 +13,6 @@ from tomoe_modifier.lm_eval_tasks import evaluate_perplexity, include_path
 from tomoe_modifier.lm_eval_tasks.docs import load_docs
 
 TASKS = ("tomoe_wiki_test", "tomoe_news")
-
-
-@pytest.fixture
-def text_cache(tmp_path, monkeypatch):
-    """A complete text-v1 cache (prepare_text only checks the manifest) of tiny
-    articles in the test tokenizer's vocabulary, so nothing is downloaded."""
-    root = tmp_path / "cache"
-    folder = root / "text-v1"
-    folder.mkdir(parents=True)
-    rng = random.Random(0)
-    for split in ("wiki_train", "wiki_validation", "wiki_test", "news"):
-        with open(folder / f"{split}.jsonl", "w") as f:
-            for i in range(4):
-                words = [f"w{rng.randrange(252)}" for _ in range(rng.randrange(20, 80))]
-                record = {"title": f"{split}-{i}", "text": " ".join(words)}
-                f.write(json.dumps(record) + "\n")
-    (folder / "manifest.json").write_text("{}\n")
-    monkeypatch.setenv("TOMOE_CACHE_DIR", str(root))
-    return root
 
 
 @pytest.mark.integration

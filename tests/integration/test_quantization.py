@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import make_dataset, make_model, save_model
 from llmcompressor import oneshot
 from llmcompressor.modeling.moe.context import moe_calibration_context
@@ -17,6 +18,15 @@ from tomoe_modifier import ToMoESparseMLP
 RECIPES = Path(__file__).parents[2] / "recipes"
 
 
+def shipped_recipe(tmp_path, name: str, iters: int = 4) -> str:
+    """A recipe of recipes/ as shipped, with fewer ToMoE steps for a tiny model."""
+    recipe = yaml.safe_load((RECIPES / name).read_text())
+    recipe["tomoe_stage"]["tomoe_modifiers"]["ToMoEModifier"]["iters"] = iters
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))  # keep stage order
+    return str(path)
+
+
 def _quantize(tmp_path, recipe: str):
     # hidden 128: a multiple of the recipes' group size (64)
     dense_dir = save_model(
@@ -26,7 +36,7 @@ def _quantize(tmp_path, recipe: str):
     model = oneshot(
         model=dense_dir,
         dataset=make_dataset(num_samples=16, seq_len=32),
-        recipe=str(RECIPES / recipe),
+        recipe=shipped_recipe(tmp_path, recipe),
         max_seq_length=32,
         num_calibration_samples=16,
         batch_size=4,
@@ -38,6 +48,17 @@ def _quantize(tmp_path, recipe: str):
 def _tensor_names(folder: Path) -> set[str]:
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         return set(f.keys())
+
+
+@pytest.mark.integration
+def test_shipped_tomoe_recipe_converts_without_quantizing(tmp_path):
+    model, out = _quantize(tmp_path, "tomoe_50.yaml")
+    moes = [m for m in model.modules() if isinstance(m, ToMoESparseMLP)]
+    assert len(moes) == 2
+    assert not any(hasattr(m, "quantization_scheme") for m in model.modules())
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert all(u % 64 == 0 for u in config["moe_union_sizes"])
 
 
 @pytest.mark.integration

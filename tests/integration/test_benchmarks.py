@@ -1,0 +1,55 @@
+"""The committed benchmark chain runs end to end on a tiny model and writes a report."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import make_model, save_model
+
+REPO = Path(__file__).parents[2]
+
+
+@pytest.mark.integration
+def test_run_all_writes_tables_and_plots(tmp_path, text_cache):
+    dense = save_model(make_model("llama"), tmp_path / "dense")
+    report = tmp_path / "report"
+    env = {
+        **os.environ,
+        "MODEL": dense,
+        "BENCH_ROOT": str(tmp_path / "bench"),
+        "REPORT_DIR": str(report),
+        "ITERS": "2",
+        "ROUNDS": "1",
+        "DTYPES": "float32",
+        "SWEEP_ARGS": "--ratios 0.7 --seq-len 16 --batch-size 2 "
+        "--num-calibration-samples 8 --baseline-samples 8 --stats-windows 2 "
+        "--stats-context 32 --width-multiple 16",
+        "QUALITY_ARGS": "--max-length 32 --limit 2",
+        "SPEED_ARGS": "--prompt-source random --prompt-tokens 8 --new-tokens 4 "
+        "--prefill-tokens 16 --batch 2 --no-memory",
+        "PROFILE_ARGS": "--prompt-tokens 8 --new-tokens 4",
+    }
+    result = subprocess.run(
+        ["bash", "benchmarks/run_all.sh"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    text = (report / "RESULTS.md").read_text()
+    for heading in (
+        "## Perplexity",
+        "## Speed and memory, float32",
+        "## Where batch-1 decode time goes, float32",
+        "## Calibration cost",
+    ):
+        assert heading in text
+    assert "static Wanda-sp" in text and "ToMoE" in text
+    assert (report / "ppl_vs_active_ratio.png").stat().st_size > 0
+    assert (report / "speedup_vs_active_ratio_float32.png").stat().st_size > 0
+    speed = json.loads((tmp_path / "bench/results/speed-float32.json").read_text())
+    methods = {m["method"] for m in speed["models"]}
+    assert methods == {"dense", "tomoe", "static"}
