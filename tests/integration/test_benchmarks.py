@@ -23,7 +23,7 @@ def test_run_all_writes_tables_and_plots(tmp_path, text_cache):
         "ITERS": "2",
         "ROUNDS": "1",
         "DTYPES": "float32",
-        "SWEEP_ARGS": "--ratios 0.7 --seq-len 16 --batch-size 2 "
+        "SWEEP_ARGS": "--ratios 0.5 --seq-len 16 --batch-size 2 "
         "--num-calibration-samples 8 --baseline-samples 8 --stats-windows 2 "
         "--stats-context 32 --width-multiple 16",
         "QUALITY_ARGS": "--max-length 32 --limit 2",
@@ -45,6 +45,7 @@ def test_run_all_writes_tables_and_plots(tmp_path, text_cache):
         "## Speed and memory, float32",
         "## Where batch-1 decode time goes, float32",
         "## Calibration cost",
+        "## Targets at p = 0.5",
     ):
         assert heading in text
     assert "static Wanda-sp" in text and "ToMoE" in text
