@@ -19,7 +19,7 @@ alike; the median per metric is reported with its ratio to dense. Per model and 
 
 Then, per model, a fresh subprocess that imports only torch and transformers loads
 it (``trust_remote_code=True``, as a user without this package would) and decodes
-once, to measure load time and peak RSS (``ru_maxrss``). The folder size on disk is
+once, to measure load time and peak RSS (``VmHWM``). The folder size on disk is
 recorded too. Prompts are the first tokens of held-out Wikipedia articles
 (``--prompt-source text``) or seeded random ids (``random``, for tiny test models).
 """
@@ -85,6 +85,16 @@ def resolve_dtype(name: str):
 
 
 def max_rss_mib() -> float:
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec, so the probe subprocess would
+    # report its parent's peak. Same as tomoe_modifier.stats.peak_rss_mib, kept here
+    # because the probe must not import the package.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 

@@ -33,16 +33,16 @@ import tomoe_modifier  # noqa: E402,F401
 
 OUT = Path("outputs/quant")
 LOAD_PROBE = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 import tomoe_modifier
+from tomoe_modifier.stats import peak_rss_mib
 from transformers import AutoModelForCausalLM
 torch.set_num_threads(2)
 t0 = time.perf_counter()
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 with torch.no_grad():
     m(torch.arange(16)[None] + 100)
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"load_s": time.perf_counter() - t0, "peak_rss_mib": rss}))
+print(json.dumps({"load_s": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}))
 """
 
 
@@ -77,6 +77,11 @@ def main() -> None:
     )
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--num-calibration-samples", type=int, default=512)
+    parser.add_argument(
+        "--reuse-ppl",
+        action="store_true",
+        help="take perplexities from an earlier results file; re-measure the rest",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     for needed in (args.tomoe, args.tomoe_w4a16):
@@ -107,9 +112,16 @@ def main() -> None:
         "ToMoE p=0.5 (bf16)": tomoe_bf16,
         "ToMoE p=0.5 + W4A16": Path(args.tomoe_w4a16),
     }
+    out = Path("examples/results/quantization.json")
+    earlier = {}
+    if args.reuse_ppl and out.is_file():
+        earlier = {r["folder"]: r["ppl"] for r in json.loads(out.read_text())["rows"]}
     results = []
     for name, path in rows.items():
-        quality = evaluate_folder(path, tokenizer)
+        if str(path) in earlier:
+            quality = {"ppl": earlier[str(path)]}
+        else:
+            quality = evaluate_folder(path, tokenizer)
         load = probe_load(path)
         results.append(
             {
@@ -122,7 +134,6 @@ def main() -> None:
             }
         )
         print(results[-1], flush=True)
-    out = Path("examples/results/quantization.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": results, "machine": machine()}, indent=2))
     print("\n| model | test ppl | folder MiB | peak RSS at load MiB | load s |")

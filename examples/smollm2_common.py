@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from tomoe_modifier.assets import (
     prepare_text,
 )
 from tomoe_modifier.precision import machine_info
-from tomoe_modifier.stats import active_parameter_stats
+from tomoe_modifier.stats import active_parameter_stats, peak_rss_mib
 
 EVAL_CONTEXT = 512
 
@@ -33,10 +32,6 @@ __all__ = [
     "peak_rss_mib",
     "tomoe_from_args",
 ]
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def add_tomoe_arguments(parser: argparse.ArgumentParser) -> None:

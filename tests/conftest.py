@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -127,3 +130,29 @@ def text_cache(tmp_path, monkeypatch):
     (folder / "manifest.json").write_text("{}\n")
     monkeypatch.setenv("TOMOE_CACHE_DIR", str(root))
     return root
+
+
+def assert_loads_without_plugin(out, expected_pt) -> None:
+    """Load ``out`` with trust_remote_code in a fresh process that never imports
+    tomoe_modifier, and compare its logits with ``expected_pt`` ({"x", "logits"})."""
+    tmp = Path(expected_pt).parent
+    script = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+assert "tomoe_modifier" not in sys.modules, "plugin must not be imported"
+e = torch.load({str(expected_pt)!r})
+with torch.no_grad():
+    torch.testing.assert_close(m(e["x"]).logits, e["logits"])
+print("OK", type(m).__module__)
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp)}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK transformers_modules" in result.stdout

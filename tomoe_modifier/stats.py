@@ -7,7 +7,25 @@ from torch import nn
 
 from tomoe_modifier.modeling_tomoe import ToMoESparseMLP
 
-__all__ = ["active_parameter_stats"]
+__all__ = ["active_parameter_stats", "peak_rss_mib"]
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB.
+
+    Reads ``VmHWM`` (Linux): ``ru_maxrss`` survives ``exec``, so a probe started
+    from a big parent process would report the parent's peak instead of its own.
+    """
+    import resource
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _params(module: nn.Module) -> int:

@@ -1,13 +1,10 @@
 """oneshot end to end on tiny random models: train, convert, save, reload."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import make_dataset, make_model, save_model
+from conftest import assert_loads_without_plugin, make_dataset, make_model, save_model
 from llmcompressor import oneshot
 from llmcompressor.core import active_session
 from transformers import AutoModelForCausalLM
@@ -70,27 +67,7 @@ def test_checkpoint_loads_without_the_plugin(tmp_path):
     x = torch.randint(4, 256, (1, 9))
     with torch.no_grad():
         torch.save({"x": x, "logits": model(x).logits}, tmp_path / "expected.pt")
-    script = f"""
-import sys, torch
-from transformers import AutoModelForCausalLM
-out = {str(tmp_path / "out")!r}
-m = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
-assert "tomoe_modifier" not in sys.modules, "plugin must not be imported"
-e = torch.load({str(tmp_path / "expected.pt")!r})
-with torch.no_grad():
-    torch.testing.assert_close(m(e["x"]).logits, e["logits"])
-print("OK", type(m).__module__)
-"""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "OK transformers_modules" in result.stdout
+    assert_loads_without_plugin(tmp_path / "out", tmp_path / "expected.pt")
 
 
 @pytest.mark.integration

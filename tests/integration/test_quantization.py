@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_dataset, make_model, save_model
+from conftest import assert_loads_without_plugin, make_dataset, make_model, save_model
 from llmcompressor import oneshot
 from llmcompressor.modeling.moe.context import moe_calibration_context
 from safetensors import safe_open
@@ -88,14 +88,17 @@ def test_every_expert_linear_is_quantized_and_routers_are_not(tmp_path, recipe):
 
 
 @pytest.mark.integration
-def test_reload_gives_the_in_memory_quantized_logits(tmp_path):
-    model, out = _quantize(tmp_path, "tomoe_50_w4a16.yaml")
+@pytest.mark.parametrize("recipe", ["tomoe_50_w4a16.yaml", "tomoe_50_w8a8.yaml"])
+def test_reload_gives_the_in_memory_quantized_logits(tmp_path, recipe):
+    model, out = _quantize(tmp_path, recipe)
     x = torch.randint(4, 256, (2, 12))
     with torch.no_grad():
         expected = model(x).logits
         reloaded = AutoModelForCausalLM.from_pretrained(out)
         assert type(reloaded).__name__ == "ToMoELlamaForCausalLM"
         torch.testing.assert_close(reloaded(x).logits, expected)
+    torch.save({"x": x, "logits": expected}, tmp_path / "expected.pt")
+    assert_loads_without_plugin(out, tmp_path / "expected.pt")
 
 
 @pytest.mark.integration
