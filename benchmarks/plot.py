@@ -93,7 +93,8 @@ def plot_quality(quality: list, metric: str, path: Path) -> Path | None:
             )
         ax.set_title(TASK_TITLES.get(task, task))
         ax.set_xlabel("active attention+MLP parameters / dense")
-        ax.set_ylabel(metric.replace("_", " ") + " (lower is better)")
+        ax.set_yscale("log")  # static pruning blows up by orders of magnitude
+        ax.set_ylabel(metric.replace("_", " ") + " (log scale, lower is better)")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("Perplexity vs active parameters (lm-eval, context 512)")
