@@ -1,7 +1,7 @@
 """
 Plots of the sweep: perplexity and speed-up against the active parameter ratio.
 
-    python benchmarks/plot.py [--results outputs/bench/results] [--out-dir benchmarks]
+    python -m benchmarks.plot [--results outputs/bench/results] [--out-dir benchmarks]
 
 Reads ``RESULTS/quality/*.json`` (quality.py) and, per dtype, the newest
 ``RESULTS/speed*.json`` (speed.py, or ``--speed FILE``) and writes
@@ -14,8 +14,9 @@ prefill tokens/s over dense's).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from benchmarks.common import load_json
 
 STYLE = {
     "tomoe": {"label": "ToMoE (top-1 MoE)", "color": "tab:blue", "marker": "o"},
@@ -39,9 +40,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_results(results: Path, speed: str | None = None) -> tuple[list, list]:
     """Quality records and the speed records: the newest per dtype, float32 first."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_common import load_json
-
     quality = [load_json(p) for p in sorted((results / "quality").glob("*.json"))]
     if speed:
         return quality, [load_json(speed)]

@@ -1,7 +1,7 @@
 """
 Where does decode time go? Per-token time of attention, MLP, lm_head and the rest.
 
-    python benchmarks/profile_decode.py DENSE_DIR MODEL_DIR [MODEL_DIR ...] \\
+    python -m benchmarks.profile_decode DENSE_DIR MODEL_DIR [MODEL_DIR ...] \\
         --out outputs/bench/results/profile.json [--dtype float32] [--rounds 3]
 
 Each model decodes ``--new-tokens`` (128) tokens greedily after a ``--prompt-tokens``
@@ -19,9 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
+
+from benchmarks.common import (
+    common_parser,
+    describe_model,
+    now,
+    run_header,
+    write_json,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -30,15 +36,15 @@ PARTS = ("attention", "mlp", "lm_head")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.strip().split("\n\n")[0], parents=[common_parser()]
+    )
     p.add_argument("models", nargs="+", help="DENSE_DIR first, then candidates")
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -111,11 +117,8 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM
 
     import tomoe_modifier  # noqa: F401  (registers the ToMoE architectures)
-    from tomoe_modifier.precision import machine_info
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_common import describe_model, now, write_json
-
+    started = now()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     models = {
@@ -151,10 +154,7 @@ def main(argv=None) -> None:
             }
         )
     result = {
-        "benchmark": "profile_decode",
-        "finished": now(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": machine_info(),
+        **run_header("profile_decode", started),
         "settings": {
             "dtype": args.dtype,
             "threads": args.threads,

@@ -1,7 +1,7 @@
 """
 Perplexity of model folders with the project's lm-eval tasks, context 512.
 
-    python benchmarks/quality.py MODEL_DIR [MODEL_DIR ...] \\
+    python -m benchmarks.quality MODEL_DIR [MODEL_DIR ...] \\
         [--out-dir outputs/bench/results/quality] [--batch-size 4]
 
 Runs ``tomoe_modifier.lm_eval_tasks.evaluate_perplexity`` (lm-eval
@@ -18,23 +18,32 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
+
+from benchmarks.common import (
+    common_parser,
+    describe_model,
+    load_json,
+    now,
+    run_header,
+    write_json,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.strip().split("\n\n")[0], parents=[common_parser()]
+    )
     p.add_argument("models", nargs="+", help="model folders (dense one included)")
     p.add_argument("--out-dir", default="outputs/bench/results/quality")
     p.add_argument("--tasks", default="tomoe_wiki_test,tomoe_news")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--limit", type=float, default=None, help="smoke tests only")
     p.add_argument("--force", action="store_true")
     return p.parse_args(argv)
@@ -46,10 +55,6 @@ def main(argv=None) -> None:
 
     import tomoe_modifier  # noqa: F401  (registers the ToMoE architectures)
     from tomoe_modifier.lm_eval_tasks import evaluate_perplexity
-    from tomoe_modifier.precision import machine_info
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_common import describe_model, load_json, now, write_json
 
     torch.set_num_threads(args.threads)
     tasks = [t for t in args.tasks.split(",") if t]
@@ -89,12 +94,8 @@ def main(argv=None) -> None:
         )
         seconds = time.perf_counter() - t0
         record = {
-            "benchmark": "quality",
-            "started": started,
-            "finished": now(),
+            **run_header("quality", started),
             "eval_seconds": round(seconds, 1),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "machine": machine_info(),
             "model": describe_model(model_dir),
             "settings": {"requested": settings, **evaluated["settings"]},
             "results": evaluated["results"],

@@ -1,7 +1,7 @@
 """
 Write benchmarks/RESULTS.md from the benchmark JSONs: every number with its setting.
 
-    python benchmarks/report.py [--results outputs/bench/results] \\
+    python -m benchmarks.report [--results outputs/bench/results] \\
         [--out benchmarks/RESULTS.md]
 
 Reads the sweep summaries (``RESULTS/sweep-*.json``), ``RESULTS/quality/*.json``,
@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_common import BENCH_META, load_json, now  # noqa: E402
-from plot import TASK_TITLES, load_results, speed_plot_name  # noqa: E402
+from benchmarks.common import BENCH_META, load_json, now
+from benchmarks.plot import TASK_TITLES, load_results, speed_plot_name
 
 METHOD_NAMES = {"dense": "dense", "tomoe": "ToMoE", "static": "static Wanda-sp"}
 
@@ -102,15 +99,18 @@ def settings_lines(quality, speeds, sweeps) -> list[str]:
     lines = ["## Settings", ""]
     if sweeps:
         s = sweeps[-1]["settings"]
+        tomoe = sweeps[-1].get("tomoe", {})
+        fields = ", ".join(
+            f"{k} {v}" for k, v in tomoe.items() if k != "target_active_ratio"
+        )
         lines.append(
             f"- **Calibration** (both methods): `{s['text_split']}` packed into "
             f"{s['seq_len']}-token chunks (seed {s['seed']}), batch {s['batch_size']}. "
-            f"ToMoE: {s['iters']} steps, lr {s['lr']}, {s['num_experts']} experts, "
-            f"per-channel masks, union widths padded to multiples of "
-            f"{s['width_multiple']}, batches sampled by llm-compressor from "
-            f"the whole set. Static: Wanda-sp scores on the first "
-            f"{s['baseline_samples']} chunks, one width per model (multiple of "
-            f"{s['width_multiple']}). Threads {s['threads']}."
+            f"ToMoE: recipe `{Path(s['recipe']).name}` with the target ratio set per "
+            f"run ({fields}; other fields at their defaults), batches sampled by "
+            "llm-compressor from the whole set. Static: Wanda-sp scores on the "
+            f"first {s['baseline_samples']} chunks, one width per model (multiple "
+            f"of {tomoe.get('width_multiple', 64)}). Threads {s['threads']}."
         )
         lines.append(
             f"- **Active ratio**: attention+MLP parameters used per token over the "

@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # The whole "faster than dense, measured" benchmark in one command:
 #
-#     bash benchmarks/run_all.sh                  # ITERS=800 ROUNDS=3 by default
+#     bash benchmarks/run_all.sh                  # ROUNDS=3 by default
 #     IMPORT_TOMOE="outputs/SmolLM2-135M-Instruct-ToMoE-E8-p50" bash benchmarks/run_all.sh
 #
-# sweep (ToMoE + static baseline at p = 0.7 0.6 0.5 0.4; resumes finished runs;
-# IMPORT_TOMOE reuses finished examples/smollm2_tomoe.py outputs trained with the
-# same settings) -> quality (lm-eval perplexity, context 512) -> speed (decode and
-# prefill vs dense, float32 and bfloat16) -> decode profile -> plot -> report
-# (benchmarks/RESULTS.md + PNGs). About 25 minutes per ToMoE model on a 2-core CPU,
-# plus about an hour of evaluation. For a smoke test on a tiny model, set MODEL
-# (dense folder), REPORT_DIR and extra flags in SWEEP_ARGS / QUALITY_ARGS /
-# SPEED_ARGS / PROFILE_ARGS (tests/integration/test_benchmarks.py does).
+# sweep (ToMoE + static baseline at p = 0.7 0.6 0.5 0.4 with the RECIPE, default
+# recipes/tomoe_50.yaml, whose target ratio alone the sweep changes; resumes
+# finished runs; IMPORT_TOMOE reuses finished examples/smollm2_tomoe.py outputs
+# trained with the same settings) -> quality (lm-eval perplexity, context 512,
+# float32) -> speed (decode and prefill vs dense, float32 and bfloat16) -> decode
+# profile -> plot -> report (benchmarks/RESULTS.md + PNGs). About 30 minutes per
+# ToMoE model on a 2-core CPU, plus about an hour of evaluation. For a smoke test
+# on a tiny model, set MODEL (dense folder), RECIPE, REPORT_DIR and extra flags in
+# SWEEP_ARGS / QUALITY_ARGS / SPEED_ARGS / PROFILE_ARGS
+# (tests/integration/test_benchmarks.py does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 ROOT=${BENCH_ROOT:-outputs/bench}
-ITERS=${ITERS:-800}
+RECIPE=${RECIPE:-recipes/tomoe_50.yaml}
 ROUNDS=${ROUNDS:-3}
 DTYPES=${DTYPES:-float32 bfloat16}
 REPORT_DIR=${REPORT_DIR:-benchmarks}
@@ -37,7 +39,7 @@ fi
 
 IMPORT_ARGS=()
 if [ "${#IMPORTS[@]}" -gt 0 ]; then IMPORT_ARGS=(--import-tomoe "${IMPORTS[@]}"); fi
-python benchmarks/sweep.py --model "$DENSE" --iters "$ITERS" --out-root "$ROOT" \
+python -m benchmarks.sweep --model "$DENSE" --recipe "$RECIPE" --out-root "$ROOT" \
   "${IMPORT_ARGS[@]}" "${SWEEP_EXTRA[@]}"
 
 MODELS=("$DENSE")
@@ -45,17 +47,17 @@ for dir in "$ROOT"/models/tomoe-p* "$ROOT"/models/static-p*; do
   if [ -f "$dir/bench_meta.json" ]; then MODELS+=("$dir"); fi
 done
 
-python benchmarks/quality.py "${MODELS[@]}" --out-dir "$ROOT/results/quality" \
+python -m benchmarks.quality "${MODELS[@]}" --out-dir "$ROOT/results/quality" \
   "${QUALITY_EXTRA[@]}"
 for dtype in $DTYPES; do
-  python benchmarks/speed.py "${MODELS[@]}" --rounds "$ROUNDS" --dtype "$dtype" \
+  python -m benchmarks.speed "${MODELS[@]}" --rounds "$ROUNDS" --dtype "$dtype" \
     --out "$ROOT/results/speed-$dtype.json" "${SPEED_EXTRA[@]}"
 done
 TOMOE_MODELS=()
 for dir in "$ROOT"/models/tomoe-p*; do
   if [ -f "$dir/bench_meta.json" ]; then TOMOE_MODELS+=("$dir"); fi
 done
-python benchmarks/profile_decode.py "$DENSE" "${TOMOE_MODELS[@]}" \
+python -m benchmarks.profile_decode "$DENSE" "${TOMOE_MODELS[@]}" \
   --rounds "$ROUNDS" --out "$ROOT/results/profile-float32.json" "${PROFILE_EXTRA[@]}"
-python benchmarks/plot.py --results "$ROOT/results" --out-dir "$REPORT_DIR"
-python benchmarks/report.py --results "$ROOT/results" --out "$REPORT_DIR/RESULTS.md"
+python -m benchmarks.plot --results "$ROOT/results" --out-dir "$REPORT_DIR"
+python -m benchmarks.report --results "$ROOT/results" --out "$REPORT_DIR/RESULTS.md"

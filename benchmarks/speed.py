@@ -1,7 +1,7 @@
 """
 Is the converted model faster than the dense one? Decode and prefill speed on CPU.
 
-    python benchmarks/speed.py DENSE_DIR MODEL_DIR [MODEL_DIR ...] \\
+    python -m benchmarks.speed DENSE_DIR MODEL_DIR [MODEL_DIR ...] \\
         --out outputs/bench/results/speed.json [--rounds 3] [--dtype auto]
 
 Every model is loaded once into this process, then the models are measured in
@@ -29,13 +29,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import (
+    common_parser,
+    describe_model,
+    now,
+    peak_rss_mib,
+    run_header,
+    write_json,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -51,7 +60,9 @@ METRICS = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.strip().split("\n\n")[0], parents=[common_parser()]
+    )
     p.add_argument("models", nargs="*", help="DENSE_DIR first, then candidates")
     p.add_argument("--out", help="JSON file to write")
     p.add_argument("--rounds", type=int, default=3)
@@ -60,9 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--batch", type=int, default=8, help="batch of the 2nd decode")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-source", choices=("text", "random"), default="text")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true", help="skip the RSS probes")
     p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one model's RSS
     args = p.parse_args(argv)
@@ -84,20 +93,6 @@ def resolve_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def max_rss_mib() -> float:
-    # VmHWM, not ru_maxrss: ru_maxrss survives exec, so the probe subprocess would
-    # report its parent's peak. Same as tomoe_modifier.stats.peak_rss_mib, kept here
-    # because the probe must not import the package.
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 # -- memory probe (runs in a fresh subprocess) -------------------------------------
 
 
@@ -108,13 +103,13 @@ def probe(args) -> None:
 
     torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    rss_imports = max_rss_mib()
+    rss_imports = peak_rss_mib()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
         args.probe, dtype=dtype, trust_remote_code=True
     ).eval()
     load_s = time.perf_counter() - t0
-    rss_loaded = max_rss_mib()
+    rss_loaded = peak_rss_mib()
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(
         0, model.config.vocab_size, (1, args.prompt_tokens), generator=g
@@ -128,7 +123,7 @@ def probe(args) -> None:
         "load_s": round(load_s, 3),
         "rss_after_imports_mib": round(rss_imports, 1),
         "rss_after_load_mib": round(rss_loaded, 1),
-        "peak_rss_mib": round(max_rss_mib(), 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     print(_PROBE_PREFIX + json.dumps(result), flush=True)
@@ -137,7 +132,8 @@ def probe(args) -> None:
 def run_probe(path: str, args, dtype_name: str) -> dict:
     cmd = [
         sys.executable,
-        os.path.abspath(__file__),
+        "-m",
+        "benchmarks.speed",
         "--probe",
         path,
         "--dtype",
@@ -151,7 +147,7 @@ def run_probe(path: str, args, dtype_name: str) -> dict:
         "--seed",
         str(args.seed),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_PROBE_PREFIX)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(
@@ -267,10 +263,6 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import tomoe_modifier  # noqa: F401  (registers the ToMoE architectures)
-    from tomoe_modifier.precision import machine_info
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_common import describe_model, now, write_json
 
     torch.set_num_threads(args.threads)
     dtype = resolve_dtype(args.dtype)
@@ -351,11 +343,7 @@ def main(argv=None) -> None:
         "trust_remote_code=True, load + one batch-1 decode",
     }
     result = {
-        "benchmark": "speed",
-        "started": started,
-        "finished": now(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": machine_info(),
+        **run_header("speed", started),
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "settings": settings,
         "models": entries,

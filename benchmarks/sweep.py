@@ -1,27 +1,27 @@
 """
 ToMoE and a static pruned baseline at several budgets, on the same calibration data.
 
-    python benchmarks/sweep.py [--ratios 0.7 0.6 0.5 0.4] [--iters 800] \\
-        [--out-root outputs/bench]
+    python -m benchmarks.sweep [--ratios 0.7 0.6 0.5 0.4] [--out-root outputs/bench]
 
 For each target active ratio p (attention+MLP parameters per token over dense):
 
-- ToMoE through llm-compressor's ``oneshot`` with the settings of
-  ``examples/smollm2_tomoe.py`` (wiki_train packed into ``--seq-len`` 128-token
-  chunks, batch ``--batch-size`` 4, ``--iters`` steps, lr 1e-2, 8 experts,
-  per-channel masks, unions padded to multiples of 64) -> ``OUT/models/tomoe-pNN``.
-  Its active ratio is then measured on ``--stats-windows`` held-out validation
-  windows of 512 tokens.
+- ToMoE through llm-compressor's ``oneshot`` with the shipped recipe
+  (``--recipe``, default ``recipes/tomoe_50.yaml``) whose target ratio alone is set
+  to p, on Wikipedia train articles packed into ``--seq-len`` 128-token chunks,
+  batch ``--batch-size`` 4, ``--num-calibration-samples`` 512 per pass (the
+  settings of ``examples/smollm2_tomoe.py``) -> ``OUT/models/tomoe-pNN``. Its
+  active ratio is then measured on ``--stats-windows`` held-out validation windows
+  of 512 tokens.
 - The static Wanda-sp baseline (``tomoe_modifier.baselines``): the same calibration
   set (its first ``--baseline-samples`` chunks; ToMoE samples from all of it), a
-  uniform MLP width for p rounded to 64 -> ``OUT/models/static-pNN``, a plain
-  ``LlamaForCausalLM``. Channel scores do not depend on p: computed once, cached.
+  uniform MLP width for p rounded to the recipe's ``width_multiple`` ->
+  ``OUT/models/static-pNN``, a plain ``LlamaForCausalLM``. Channel scores do not
+  depend on p: computed once, cached.
 
 ``--import-tomoe DIR ...`` takes finished ``examples/smollm2_tomoe.py`` outputs
 instead of retraining them: a folder whose ``results.json`` settings match the
-sweep's (steps, lr, sequence length, batch, samples, experts, width multiple, seed)
-is copied to ``OUT/models/tomoe-pNN`` and measured like a sweep run; any mismatch
-is an error.
+sweep's (the recipe's ToMoE fields, sequence length, batch, samples) is copied to
+``OUT/models/tomoe-pNN`` and measured like a sweep run; any mismatch is an error.
 
 Each finished model folder gets ``bench_meta.json`` last (method, target and
 achieved ratio, calibration tokens and wall time); a folder that has it is skipped,
@@ -34,26 +34,36 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+import shutil
 import time
 from pathlib import Path
+
+from benchmarks.common import (
+    BENCH_META,
+    common_parser,
+    load_json,
+    now,
+    run_header,
+    write_json,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tomoe_50.yaml"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.strip().split("\n\n")[0], parents=[common_parser()]
+    )
     p.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.6, 0.5, 0.4])
     p.add_argument("--methods", nargs="+", default=["tomoe", "static"])
+    p.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="ToMoE recipe")
     p.add_argument("--model", help="dense model folder (default: SmolLM2 cache)")
     p.add_argument("--out-root", default="outputs/bench")
-    p.add_argument("--iters", type=int, default=800, help="ToMoE optimizer steps")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--num-experts", type=int, default=8)
-    p.add_argument("--width-multiple", type=int, default=64)
     p.add_argument("--num-calibration-samples", type=int, default=512)
     p.add_argument("--baseline-samples", type=int, default=512)
     p.add_argument("--import-tomoe", nargs="*", default=[], metavar="DIR")
@@ -61,8 +71,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stats-context", type=int, default=512)
     p.add_argument("--text-split", default="wiki_train")
     p.add_argument("--stats-split", default="wiki_validation")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="redo finished runs")
     args = p.parse_args(argv)
     unknown = set(args.methods) - {"tomoe", "static"}
@@ -73,6 +81,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def tag(method: str, ratio: float) -> str:
     return f"{method}-p{int(round(ratio * 100)):02d}"
+
+
+def recipe_fields(path: str) -> dict:
+    """The ToMoEModifier fields of a recipe file (its one ToMoE stage)."""
+    import yaml
+
+    recipe = yaml.safe_load(Path(path).read_text())
+    return dict(recipe["tomoe_stage"]["tomoe_modifiers"]["ToMoEModifier"])
 
 
 class StaticScores:
@@ -127,12 +143,11 @@ def run_static(args, ratio, model_dir, tokenizer, scores: StaticScores, out: Pat
 
     from tomoe_modifier.baselines import prune_with_scores
 
+    multiple = recipe_fields(args.recipe).get("width_multiple", 64)
     scored = scores.get()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model, report = prune_with_scores(
-        model, scored["scores"], ratio, args.width_multiple
-    )
+    model, report = prune_with_scores(model, scored["scores"], ratio, multiple)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {
@@ -147,7 +162,7 @@ def run_static(args, ratio, model_dir, tokenizer, scores: StaticScores, out: Pat
         "scoring_s": scored["seconds"],
         "calibration_wall_s": round(scored["seconds"] + time.perf_counter() - t0, 2),
         "calibration_note": "channel scores computed once for all ratios",
-        "width_multiple": args.width_multiple,
+        "width_multiple": multiple,
     }
 
 
@@ -175,41 +190,25 @@ def tomoe_meta(args, ratio, out: Path, stats_windows, report: dict, wall: float)
         "train_s": report["train_seconds"],
         "calibration_wall_s": round(wall, 2),
         "compute_dtype": report["compute_dtype"],
-        "iters": args.iters,
-        "lr": args.lr,
-        "num_experts": args.num_experts,
-        "width_multiple": args.width_multiple,
+        "tomoe": {**recipe_fields(args.recipe), "target_active_ratio": ratio},
     }
 
 
-def run_tomoe(args, ratio, model_dir, tokenizer, dataset, stats_windows, out: Path):
+def run_tomoe(args, ratio, model_dir, dataset, stats_windows, out: Path):
+    import yaml
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
 
-    from tomoe_modifier import ToMoEModifier
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_common import load_json
-
     report_path = out / "tomoe_report.json"
-    recipe = [
-        ToMoEModifier(
-            target_active_ratio=ratio,
-            num_experts=args.num_experts,
-            width_multiple=args.width_multiple,
-            iters=args.iters,
-            lr=args.lr,
-            seed=args.seed,
-            log_every=20,
-            report_path=str(report_path),
-        )
-    ]
+    recipe = yaml.safe_load(Path(args.recipe).read_text())
+    fields = recipe["tomoe_stage"]["tomoe_modifiers"]["ToMoEModifier"]
+    fields.update(target_active_ratio=ratio, report_path=str(report_path))
     active_session().reset()
     t0 = time.perf_counter()
     oneshot(
         model=str(model_dir),
         dataset=dataset,
-        recipe=recipe,
+        recipe=yaml.safe_dump(recipe, sort_keys=False),
         max_seq_length=args.seq_len,
         num_calibration_samples=args.num_calibration_samples,
         batch_size=args.batch_size,
@@ -220,40 +219,24 @@ def run_tomoe(args, ratio, model_dir, tokenizer, dataset, stats_windows, out: Pa
     return tomoe_meta(args, ratio, out, stats_windows, load_json(report_path), wall)
 
 
-# results.json "settings" key of examples/smollm2_tomoe.py -> sweep argument
-_EXAMPLE_SETTINGS = {
-    "iters": "iters",
-    "lr": "lr",
-    "seq_len": "seq_len",
-    "batch_size": "batch_size",
-    "num_calibration_samples": "num_calibration_samples",
-    "num_experts": "num_experts",
-    "width_multiple": "width_multiple",
-    "seed": "seed",
-}
-
-
 def import_tomoe(args, folder: Path, root: Path, stats_windows) -> tuple[float, dict]:
     """Copy a finished example run into the sweep after checking its settings."""
-    import shutil
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_common import load_json
-
     results = load_json(folder / "results.json")
-    settings = results["settings"]
-    wrong = {
-        key: (settings.get(key), getattr(args, arg))
-        for key, arg in _EXAMPLE_SETTINGS.items()
-        if settings.get(key) != getattr(args, arg)
+    ratio = results["target_active_ratio"]
+    ours = {
+        "max_sequence_length": args.seq_len,
+        "batch_size": args.batch_size,
+        "num_calibration_samples": args.num_calibration_samples,
+        "tomoe": {**recipe_fields(args.recipe), "target_active_ratio": ratio},
     }
+    theirs = {k: results["settings"].get(k) for k in ours}
+    wrong = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
     if wrong:
         raise SystemExit(
             f"{folder} was trained with other settings than this sweep "
             f"(example, sweep): {wrong}; rerun the example with the sweep's settings "
             "or drop it from --import-tomoe"
         )
-    ratio = settings["ratio"]
     out = root / "models" / tag("tomoe", ratio)
     if out.exists():
         shutil.rmtree(out)
@@ -276,12 +259,9 @@ def main(argv=None) -> None:
         build_calibration_dataset,
         load_split,
         prepare_smollm2,
+        token_windows,
     )
-    from tomoe_modifier.assets.perplexity import token_windows
     from tomoe_modifier.precision import machine_info
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_common import BENCH_META, load_json, now, write_json
 
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model) if args.model else prepare_smollm2()
@@ -316,9 +296,7 @@ def main(argv=None) -> None:
             if method == "tomoe" and ratio in imported:
                 meta = imported[ratio]
             elif method == "tomoe":
-                meta = run_tomoe(
-                    args, ratio, model_dir, tokenizer, dataset, windows, out
-                )
+                meta = run_tomoe(args, ratio, model_dir, dataset, windows, out)
             else:
                 meta = run_static(args, ratio, model_dir, tokenizer, scores, out)
             meta.update(
@@ -342,12 +320,9 @@ def main(argv=None) -> None:
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     summary = {
-        "benchmark": "sweep",
-        "started": started,
-        "finished": now(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": machine_info(),
+        **run_header("sweep", started),
         "settings": {k: v for k, v in vars(args).items()},
+        "tomoe": recipe_fields(args.recipe),
         "dense_model": str(model_dir),
         "runs": runs,
     }

@@ -6,10 +6,11 @@ Table: dense bf16 vs W4A16 vs ToMoE p=0.5 vs ToMoE p=0.5 + W4A16 on SmolLM2-135M
     python examples/compare_quantization.py              # builds the rest, measures
 
 Same calibration data (512 x 128-token Wikipedia train chunks) and test data (held-out
-Wikipedia articles, context 512) for every row. Perplexity is computed in float32 from
-each checkpoint; load time and peak RSS are measured in a fresh process per model
-(load in bfloat16 + one forward). Writes examples/results/quantization.json and
-prints a Markdown table.
+Wikipedia articles and news, context 512) for every row. The W4A16 row uses the
+quantization stage of ``recipes/tomoe_50_w4a16.yaml`` alone. Token perplexity is
+computed with lm-eval in float32 from each checkpoint; load time and peak RSS are
+measured in a fresh process per model (load in bfloat16 + one forward). Writes
+examples/results/quantization.json and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -24,13 +25,23 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from llmcompressor import oneshot  # noqa: E402
-from smollm2_common import calibration_set, evaluate_folder, machine, smollm2  # noqa: E402
-from smollm2_tomoe_w4a16 import w4a16_gptq  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import tomoe_modifier  # noqa: E402,F401
+from tomoe_modifier.assets import (  # noqa: E402
+    build_calibration_dataset,
+    load_split,
+    prepare_smollm2,
+)
+from tomoe_modifier.lm_eval_tasks import evaluate_perplexity  # noqa: E402
+from tomoe_modifier.precision import machine_info  # noqa: E402
 
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tomoe_50_w4a16.yaml"
+MAX_SEQUENCE_LENGTH = 128
+NUM_CALIBRATION_SAMPLES = 512
+EVAL_CONTEXT = 512
 OUT = Path("outputs/quant")
 LOAD_PROBE = """
 import json, sys, time, torch
@@ -60,12 +71,20 @@ def probe_load(path: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bf16_copy(src: Path, dst: Path) -> Path:
+def bf16_copy(src: Path, dst: Path, tokenizer) -> Path:
     if not (dst / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
         model.save_pretrained(dst)
-        smollm2()[1].save_pretrained(dst)
+        tokenizer.save_pretrained(dst)
     return dst
+
+
+def token_perplexities(folder: Path) -> dict:
+    """Token perplexity per task (lm-eval, float32, context 512)."""
+    out = evaluate_perplexity(
+        folder, max_length=EVAL_CONTEXT, dtype="float32", device="cpu"
+    )
+    return {task: row["token_perplexity"] for task, row in out["results"].items()}
 
 
 def main() -> None:
@@ -75,8 +94,6 @@ def main() -> None:
         "--tomoe-w4a16",
         default="outputs/SmolLM2-135M-Instruct-ToMoE-E8-p50-W4A16-G64",
     )
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--num-calibration-samples", type=int, default=512)
     parser.add_argument(
         "--reuse-ppl",
         action="store_true",
@@ -90,21 +107,25 @@ def main() -> None:
                 f"{needed} is missing: run the examples listed above first"
             )
 
-    model_dir, tokenizer = smollm2()
-    dense_bf16 = bf16_copy(model_dir, OUT / "SmolLM2-135M-Instruct-bf16")
+    model_dir = prepare_smollm2()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dense_bf16 = bf16_copy(model_dir, OUT / "SmolLM2-135M-Instruct-bf16", tokenizer)
     w4a16 = OUT / "SmolLM2-135M-Instruct-W4A16-G64"
     if not (w4a16 / "config.json").exists():
+        quant_only = {"quant_stage": yaml.safe_load(RECIPE.read_text())["quant_stage"]}
         oneshot(
             model=str(model_dir),
-            dataset=calibration_set(tokenizer, args.seq_len),
-            recipe=[w4a16_gptq()],
-            max_seq_length=args.seq_len,
-            num_calibration_samples=args.num_calibration_samples,
+            dataset=build_calibration_dataset(
+                tokenizer, load_split("wiki_train"), MAX_SEQUENCE_LENGTH, seed=0
+            ),
+            recipe=yaml.safe_dump(quant_only),
+            max_seq_length=MAX_SEQUENCE_LENGTH,
+            num_calibration_samples=NUM_CALIBRATION_SAMPLES,
             batch_size=4,
             output_dir=str(w4a16),
         )
     tomoe_bf16 = bf16_copy(
-        Path(args.tomoe), OUT / "SmolLM2-135M-Instruct-ToMoE-p50-bf16"
+        Path(args.tomoe), OUT / "SmolLM2-135M-Instruct-ToMoE-p50-bf16", tokenizer
     )
     rows = {
         "dense bf16": dense_bf16,
@@ -115,19 +136,21 @@ def main() -> None:
     out = Path("examples/results/quantization.json")
     earlier = {}
     if args.reuse_ppl and out.is_file():
-        earlier = {r["folder"]: r["ppl"] for r in json.loads(out.read_text())["rows"]}
+        earlier = {
+            r["folder"]: {"tomoe_wiki_test": r["ppl"], "tomoe_news": r["news_ppl"]}
+            for r in json.loads(out.read_text())["rows"]
+            if "news_ppl" in r
+        }
     results = []
     for name, path in rows.items():
-        if str(path) in earlier:
-            quality = {"ppl": earlier[str(path)]}
-        else:
-            quality = evaluate_folder(path, tokenizer)
+        ppl = earlier.get(str(path)) or token_perplexities(path)
         load = probe_load(path)
         results.append(
             {
                 "model": name,
                 "folder": str(path),
-                "ppl": quality["ppl"],
+                "ppl": ppl["tomoe_wiki_test"],
+                "news_ppl": ppl["tomoe_news"],
                 "folder_mib": round(folder_mib(path), 1),
                 "peak_rss_at_load_mib": round(load["peak_rss_mib"], 1),
                 "load_s": round(load["load_s"], 2),
@@ -135,12 +158,21 @@ def main() -> None:
         )
         print(results[-1], flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": results, "machine": machine()}, indent=2))
-    print("\n| model | test ppl | folder MiB | peak RSS at load MiB | load s |")
-    print("|---|---|---|---|---|")
+    out.write_text(
+        json.dumps(
+            {"rows": results, "eval_dtype": "float32", "machine": machine_info()},
+            indent=2,
+        )
+    )
+    print(
+        "\n| model | Wikipedia test ppl (fp32) | news ppl (fp32) | folder MiB | "
+        "peak RSS at load MiB | load s |"
+    )
+    print("|---|---|---|---|---|---|")
     for r in results:
         print(
-            f"| {r['model']} | {r['ppl']:.2f} | {r['folder_mib']:.0f} | "
+            f"| {r['model']} | {r['ppl']:.2f} | {r['news_ppl']:.2f} | "
+            f"{r['folder_mib']:.0f} | "
             f"{r['peak_rss_at_load_mib']:.0f} | {r['load_s']:.2f} |"
         )
 

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -11,19 +13,15 @@ from llmcompressor.core import State
 from llmcompressor.modifiers import Modifier
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
+from torch import nn
 
+from tomoe_modifier.budget import Budget, count_budget
 from tomoe_modifier.convert import convert_model, final_block_masks
-from tomoe_modifier.init import (
-    collect_mlp_statistics,
-    expert_block_scores,
-    initial_block_logits,
-    kmeans,
-    router_weight,
-)
 from tomoe_modifier.mappings import MLPLayout, get_layout
 from tomoe_modifier.precision import choose_compute_dtype
-from tomoe_modifier.router import ExpertHypernetwork, LayerRouter
-from tomoe_modifier.train import BudgetCounter, GatedMLPs, TrainSettings, train_routers
+from tomoe_modifier.router import build_routers
+from tomoe_modifier.train import GatedMLPs, TrainSettings, frozen, train_routers
+from tomoe_modifier.warm_start import activation_start
 
 __all__ = ["ToMoEModifier"]
 
@@ -50,14 +48,16 @@ class ToMoEModifier(Modifier):
           target_active_ratio: 0.5
           num_experts: 8
           width_multiple: 64
-          iters: 480
+          iters: 800
           lr: 0.01
     ```
 
     Lifecycle:
         - on_initialize
-            - validate the model and the calibration data (fail fast)
-            - attach routers and the hypernetwork; freeze the model
+            - _plan: validate the model, the widths, the calibration data and the
+              budget (fail fast, before any training), count the budget
+            - build_routers; freeze the model (train.frozen)
+            - warm_start.activation_start (unless init_strategy is "dense")
             - train_routers (self-distillation + budget + union + balance)
             - convert_model: slice MLPs into ToMoESparseMLP, swap config/class
         - on_finalize
@@ -188,148 +188,119 @@ class ToMoEModifier(Modifier):
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
-        self._check_not_quantized(model)
-        arch, layout = get_layout(model)
-        indices, mlps = self._find_target_mlps(model, layout)
-        loader = self._check_calibration_data(state.data.calib)
-        block = self.mask_block_size
-        budget = self._budget_counter(model, layout, indices)
-        self._check_feasible(budget, mlps, layout)
-
-        device = next(model.parameters()).device
-        dtype = self._resolve_dtype(device)
-        steps = self.iters or self.epochs * len(loader)
+        plan = self._plan(model, state.data.calib)  # fail fast, before training
         logger.info(
-            f"ToMoE initialized: {arch}, {len(mlps)} MLPs -> {self.num_experts} "
-            f"experts each, blocks of {block} channels, target active ratio "
-            f"{self.target_active_ratio} (attention+router floor "
-            f"{budget.ratio(0):.3f}), {steps} steps, compute {dtype}"
+            f"ToMoE initialized: {plan.arch}, {len(plan.mlps)} MLPs -> "
+            f"{self.num_experts} experts each, blocks of {self.mask_block_size} "
+            f"channels, target active ratio {self.target_active_ratio} "
+            f"(attention+router floor {plan.budget.ratio(0):.3f}), "
+            f"{plan.settings.steps} steps, compute {plan.settings.compute_dtype}"
         )
-
-        hidden = model.config.hidden_size
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-            torch.manual_seed(self.seed)
-            hypernet = ExpertHypernetwork(len(mlps), self.num_experts).to(device)
-            routers = [
-                LayerRouter(
-                    hidden,
-                    self.num_experts,
-                    getattr(m, layout.gate_proj).out_features // block,
-                    hypernet.embedding_dim,
-                    self.mask_offset,
-                ).to(device)
-                for m in mlps
-            ]
-            settings = TrainSettings(
-                steps=steps,
-                lr=self.lr,
-                weight_decay=self.weight_decay,
-                target_active_ratio=self.target_active_ratio,
-                distill_weight=self.distill_weight,
-                budget_weight=self.budget_weight,
-                union_weight=self.union_weight,
-                balance_weight=self.balance_weight,
-                temperature=self.temperature,
-                noise_anneal=self.noise_anneal,
-                lr_schedule=self.lr_schedule,
-                compute_dtype=dtype,
-                log_every=self.log_every,
-                seed=self.seed,
-            )
-            downs = [getattr(m, layout.down_proj) for m in mlps]
-            gates = GatedMLPs(mlps, downs, routers, block, self.temperature)
-            grad_flags = {p: p.requires_grad for p in model.parameters()}
-            was_training = model.training
-            model.requires_grad_(False)
-            model.eval()
-            try:
-                if self.init_strategy == "activation":
-                    self._activation_init(
-                        model, mlps, downs, routers, loader, budget, device
-                    )
-                with gates:
-                    report = train_routers(
-                        model, gates, hypernet, budget, loader, settings, device
-                    )
-            finally:
-                for p, flag in grad_flags.items():
-                    p.requires_grad_(flag)
-                model.train(was_training)
-
-        hypernet.eval()
-        for r in routers:
-            r.eval()
-        masks = final_block_masks(hypernet, routers, self.temperature)
-        union = convert_model(
+        routers, masks, history = self._train(model, plan)
+        unions = convert_model(
             model,
-            arch,
-            layout,
-            indices,
+            plan.arch,
+            plan.layout,
+            plan.indices,
             routers,
             masks,
-            block,
+            self.mask_block_size,
             self.num_experts,
             self.width_multiple,
         )
-        widths = [(m.sum(dim=1) * block).tolist() for m in masks]
-        worst = budget.ratio(
-            budget.worst_case_params([torch.tensor(w) for w in widths])
-        )
-        mean_width = budget.ratio(
-            budget.expert_params(
-                [torch.tensor(w, dtype=torch.float) for w in widths],
-                [torch.full((self.num_experts,), 1 / self.num_experts)] * len(widths),
-            )
-        )
+        widths = [(m.sum(dim=1) * self.mask_block_size).tolist() for m in masks]
         self._report = {
-            "architecture": arch,
+            "architecture": plan.arch,
             "target_active_ratio": self.target_active_ratio,
-            "layers": indices,
-            "union_sizes": union,
+            "layers": plan.indices,
+            "union_sizes": unions,
             "expert_widths": widths,
-            "active_ratio_uniform_routing": float(mean_width),
-            "active_ratio_worst_case": float(worst),
-            "compute_dtype": str(dtype),
-            **report,
+            **plan.budget.summary(widths),
+            "compute_dtype": str(plan.settings.compute_dtype),
+            **history,
         }
         logger.info(
-            f"ToMoE done in {report['train_seconds']:.0f}s on {report['tokens']} "
-            f"tokens: active ratio {float(mean_width):.3f} with uniform routing, "
-            f"{float(worst):.3f} worst case (target {self.target_active_ratio})"
+            f"ToMoE done in {history['train_seconds']:.0f}s on {history['tokens']} "
+            f"tokens: active ratio "
+            f"{self._report['active_ratio_uniform_routing']:.3f} with uniform "
+            f"routing, {self._report['active_ratio_worst_case']:.3f} worst case "
+            f"(target {self.target_active_ratio})"
         )
         self._write_report()
         return True
 
-    def _activation_init(self, model, mlps, downs, routers, loader, budget, device):
-        """Routers from k-means of MLP inputs; experts at target width (init.py)."""
-        t0 = time.perf_counter()
-        stats = collect_mlp_statistics(
-            model, mlps, downs, loader, self.mask_block_size, self.init_tokens, device
-        )
-        fraction = (
-            self.target_active_ratio * budget.dense_total - budget.fixed_params()
-        ) / sum(budget.full_mlp_params)
-        for router, (x, energy) in zip(routers, stats):
-            centroids = kmeans(x, self.num_experts, seed=self.seed)
-            weight = router_weight(centroids, x)
-            scores = expert_block_scores(energy, x, centroids)
-            keep = round(fraction * scores.shape[1])
-            bias = initial_block_logits(scores, keep, 3.0, -(self.mask_offset + 3.0))
-            with torch.no_grad():
-                router.router.weight.copy_(weight.to(router.router.weight))
-                router.block_bias.copy_(bias.to(router.block_bias))
-        logger.info(
-            f"ToMoE activation-aware start: {len(stats[0][0])} tokens per layer, "
-            f"experts start at {fraction:.3f} of each MLP "
-            f"({time.perf_counter() - t0:.1f}s)"
-        )
+    def _train(self, model: nn.Module, plan: "_Plan"):
+        """Build, warm-start and train the routers; return them, the noise-free
+        expert masks and the training history."""
+        with _seeded(self.seed, plan.device):
+            hypernet, routers = build_routers(
+                model.config.hidden_size,
+                self.num_experts,
+                [plan.width(m) // self.mask_block_size for m in plan.mlps],
+                self.mask_offset,
+                plan.device,
+            )
+            gates = GatedMLPs(
+                plan.mlps, plan.downs, routers, self.mask_block_size, self.temperature
+            )
+            with frozen(model):
+                if self.init_strategy == "activation":
+                    activation_start(
+                        model,
+                        plan.mlps,
+                        plan.downs,
+                        routers,
+                        plan.loader,
+                        block_size=self.mask_block_size,
+                        channel_fraction=plan.budget.channel_fraction(
+                            self.target_active_ratio
+                        ),
+                        mask_offset=self.mask_offset,
+                        num_tokens=self.init_tokens,
+                        seed=self.seed,
+                        device=plan.device,
+                    )
+                with gates:
+                    history = train_routers(
+                        model,
+                        gates,
+                        hypernet,
+                        plan.budget,
+                        plan.loader,
+                        plan.settings,
+                        plan.device,
+                    )
+        routers = [r.eval() for r in routers]
+        masks = final_block_masks(hypernet.eval(), routers, self.temperature)
+        return routers, masks, history
 
     @property
     def report(self) -> dict:
         """Training history and expert layout of the last run."""
         return self._report
 
-    # -- helpers ----------------------------------------------------------------
+    # -- validation against the model (before any training) ---------------------
+
+    def _plan(self, model: nn.Module, loader) -> "_Plan":
+        """Everything on_initialize needs, checked against the model and data."""
+        self._check_not_quantized(model)
+        arch, layout = get_layout(model)
+        indices, mlps = self._find_target_mlps(model, layout)
+        loader = self._check_calibration_data(loader)
+        budget = count_budget(
+            model,
+            layout,
+            indices,
+            router_params=model.config.hidden_size * self.num_experts,
+        )
+        self._check_feasible(budget)
+        device = next(model.parameters()).device
+        settings = TrainSettings.from_fields(
+            self,
+            steps=self.iters or self.epochs * len(loader),
+            compute_dtype=self._resolve_dtype(device),
+        )
+        return _Plan(arch, layout, indices, mlps, loader, budget, device, settings)
 
     @staticmethod
     def _check_not_quantized(model) -> None:
@@ -397,44 +368,8 @@ class ToMoEModifier(Modifier):
             )
         return loader
 
-    def _budget_counter(self, model, layout: MLPLayout, indices: list[int]):
-        layers = model.get_submodule(layout.layers)
-        attention = sum(
-            p.numel()
-            for layer in layers
-            for p in getattr(layer, layout.attention).parameters()
-        )
-        per_channel, full, dense_mlp = [], [], 0
-        for i, layer in enumerate(layers):
-            mlp = getattr(layer, layout.mlp)
-            size = sum(
-                p.numel()
-                for name in (layout.gate_proj, layout.up_proj, layout.down_proj)
-                for p in getattr(mlp, name).parameters()
-            )
-            if i in indices:
-                width = getattr(mlp, layout.gate_proj).out_features
-                down_bias = getattr(mlp, layout.down_proj).bias
-                fixed = 0 if down_bias is None else down_bias.numel()
-                per_channel.append((size - fixed) // width)
-                full.append(size)
-                dense_mlp += fixed  # the down bias is always executed
-            else:
-                dense_mlp += size
-        hidden = model.config.hidden_size
-        return BudgetCounter(
-            attention_params=attention,
-            dense_mlp_params=dense_mlp,
-            router_params=hidden * self.num_experts * len(indices),
-            params_per_channel=per_channel,
-            full_mlp_params=full,
-            block_size=self.mask_block_size,
-        )
-
-    def _check_feasible(self, budget: BudgetCounter, mlps, layout) -> None:
-        floor = budget.ratio(
-            sum(c * self.mask_block_size for c in budget.params_per_channel)
-        )
+    def _check_feasible(self, budget: Budget) -> None:
+        floor = budget.floor(self.mask_block_size)
         if self.target_active_ratio <= floor:
             raise ValueError(
                 f"target_active_ratio {self.target_active_ratio} is not reachable: "
@@ -457,3 +392,32 @@ class ToMoEModifier(Modifier):
         with open(tmp, "w") as f:
             json.dump(self._report, f, indent=2)
         os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What on_initialize validated and derived before training."""
+
+    arch: str
+    layout: MLPLayout
+    indices: list[int]
+    mlps: list[nn.Module]
+    loader: object
+    budget: Budget
+    device: torch.device
+    settings: TrainSettings
+
+    @property
+    def downs(self) -> list[nn.Module]:
+        return [getattr(m, self.layout.down_proj) for m in self.mlps]
+
+    def width(self, mlp: nn.Module) -> int:
+        return getattr(mlp, self.layout.gate_proj).out_features
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Seed torch for the block without changing the caller's RNG state."""
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(seed)
+        yield

@@ -8,19 +8,19 @@ weights it feeds), the top-k channels are kept, and the result is a plain, small
 dense model of the same family that every stock tool can load and run.
 
 k is the same in every layer, so ``config.intermediate_size = k`` describes the model,
-and is chosen like ToMoE's budget: attention stays dense and counts, and the active
-attention+MLP parameters over the dense attention+MLP parameters is the target,
-with k rounded to a multiple of the block size (ToMoE's ``width_multiple``).
+and is chosen by ToMoE's own budget (``tomoe_modifier.budget``): attention stays dense
+and counts, and the active attention+MLP parameters over the dense attention+MLP
+parameters is the target, with k rounded to a multiple of ``multiple``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from tomoe_modifier.budget import count_budget
 from tomoe_modifier.mappings import MLPLayout, get_layout
 
 __all__ = [
@@ -30,10 +30,6 @@ __all__ = [
     "prune_with_scores",
     "width_for_ratio",
 ]
-
-
-def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _mlps(model: nn.Module, layout: MLPLayout) -> list[nn.Module]:
@@ -113,50 +109,12 @@ def width_for_ratio(
     model: nn.Module, target_active_ratio: float, multiple: int = 64
 ) -> dict:
     """
-    Uniform MLP width k whose active attention+MLP ratio is closest to the target.
-
-    Counted like ToMoE's budget (``tomoe_modifier.stats``): all attention
-    parameters plus ``3 * hidden`` (+2 with gate/up biases) per kept channel and
-    any down_proj bias, over attention plus the full MLPs.
+    Uniform MLP width k whose active attention+MLP ratio is closest to the target,
+    counted by ``tomoe_modifier.budget`` exactly as ToMoE's budget counts (all
+    attention, every kept channel's gate/up rows and down column, the down bias).
     """
-    if not 0 < target_active_ratio <= 1:
-        raise ValueError(
-            f"target_active_ratio must be in (0, 1], got {target_active_ratio}"
-        )
-    if multiple < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
     _, layout = get_layout(model)
-    layers = model.get_submodule(layout.layers)
-    mlps = _mlps(model, layout)
-    hidden = model.config.hidden_size
-    attention = sum(_params(getattr(layer, layout.attention)) for layer in layers)
-    gate = getattr(mlps[0], layout.gate_proj)
-    down = getattr(mlps[0], layout.down_proj)
-    width = gate.out_features
-    per_channel = 3 * hidden + (2 if gate.bias is not None else 0)
-    down_bias = 0 if down.bias is None else hidden
-    n = len(mlps)
-    dense = attention + n * (per_channel * width + down_bias)
-    exact = (target_active_ratio * dense - attention - n * down_bias) / (
-        n * per_channel
-    )
-    if exact <= 0:
-        floor = (attention + n * down_bias) / dense
-        raise ValueError(
-            f"target_active_ratio {target_active_ratio} is at or below the dense "
-            f"attention share {floor:.3f}; no MLP channel would remain. Raise it."
-        )
-    k = int(math.floor(exact / multiple + 0.5)) * multiple
-    k = max(multiple, min(k, width))
-    active = attention + n * (per_channel * k + down_bias)
-    return {
-        "intermediate_size": k,
-        "dense_intermediate_size": width,
-        "exact_width": exact,
-        "active_ratio": active / dense,
-        "attention_share": attention / dense,
-        "dense_attention_mlp_params": dense,
-    }
+    return count_budget(model, layout).static_width(target_active_ratio, multiple)
 
 
 def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:

@@ -131,7 +131,7 @@ def convert_model(
         moe = build_sparse_mlp(
             dense,
             layout,
-            router.router,
+            router.gate,
             mask,
             block_size,
             config.hidden_act,
@@ -151,6 +151,7 @@ def convert_model(
     if "model_type" in vars(config):  # from_pretrained may pin it on the instance
         config.model_type = config_cls.model_type
     config.num_experts = num_experts
+    config.num_experts_per_tok = 1  # top-1 routing; MoE tools read this key
     config.moe_block_size = block_size
     config.moe_union_sizes = union_sizes
     config.architectures = [model_cls.__name__]

@@ -32,10 +32,23 @@ TOMOE_MLP_LAYOUTS: dict[str, MLPLayout] = {
 }
 
 
-def get_layout(model) -> tuple[str, MLPLayout]:
-    """Architecture name and MLP layout of ``model``; ValueError if unsupported."""
+def get_layout(model, converted: bool = False) -> tuple[str, MLPLayout]:
+    """
+    Architecture name and MLP layout of ``model``; ValueError if unsupported.
+
+    :param converted: accept (only) a converted ToMoE model, whose layout is its
+        dense architecture's; by default only dense models are accepted
+    """
     arch = type(model).__name__
-    if arch in {cls.__name__ for _, cls in TOMOE_ARCHITECTURES.values()}:
+    dense_of = {cls.__name__: name for name, (_, cls) in TOMOE_ARCHITECTURES.items()}
+    if converted:
+        if arch not in dense_of:
+            raise ValueError(
+                f"{arch} is not a converted ToMoE model (those are "
+                f"{sorted(dense_of)}); convert it with ToMoEModifier first"
+            )
+        return arch, TOMOE_MLP_LAYOUTS[dense_of[arch]]
+    if arch in dense_of:
         raise ValueError(
             f"{arch} is already a ToMoE mixture of experts; ToMoE converts dense "
             "models only. Load the original dense checkpoint instead."

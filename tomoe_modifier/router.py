@@ -14,6 +14,7 @@ from torch import nn
 __all__ = [
     "ExpertHypernetwork",
     "LayerRouter",
+    "build_routers",
     "gumbel_softmax_st",
     "gumbel_sigmoid_st",
 ]
@@ -79,8 +80,9 @@ class ExpertHypernetwork(nn.Module):
 
 class LayerRouter(nn.Module):
     """
-    One converted MLP's trainable parts: a token router (D -> E) and a decoder that
-    turns an expert embedding into keep-logits for the MLP's channel blocks.
+    One converted MLP's trainable parts: a token gate (D -> E, the converted
+    model's router) and a decoder that turns an expert embedding into keep-logits
+    for the MLP's channel blocks.
     """
 
     def __init__(
@@ -92,14 +94,14 @@ class LayerRouter(nn.Module):
         offset: float = 3.0,
     ):
         super().__init__()
-        self.router = nn.Linear(hidden_size, num_experts, bias=False)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.decoder = nn.Sequential(
             nn.LayerNorm(embedding_dim),
             nn.GELU(),
             nn.Linear(embedding_dim, num_blocks, bias=False),
         )
         # per-expert logit table; zero keeps the paper's dense start, the
-        # activation-aware start (init.py) writes each expert's initial blocks here
+        # activation-aware start (warm_start.py) writes each expert's first blocks
         self.block_bias = nn.Parameter(torch.zeros(num_experts, num_blocks))
         self.offset = offset
 
@@ -108,7 +110,7 @@ class LayerRouter(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, D] -> (one-hot choice [T, E], soft probabilities [T, E]), fp32."""
         with torch.autocast(x.device.type, enabled=False):
-            logits = self.router(x.float())  # [T, E]
+            logits = self.gate(x.float())  # [T, E]
         return gumbel_softmax_st(logits, tau, noise)
 
     def block_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -124,3 +126,24 @@ class LayerRouter(nn.Module):
         mask = gumbel_sigmoid_st(logits, tau, noise)
         best = F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(mask.dtype)
         return torch.maximum(mask, best)
+
+
+def build_routers(
+    hidden_size: int,
+    num_experts: int,
+    num_blocks: list[int],
+    offset: float,
+    device: torch.device | str = "cpu",
+) -> tuple[ExpertHypernetwork, list[LayerRouter]]:
+    """The hypernetwork and one router per converted MLP (``num_blocks[l]`` blocks).
+
+    Created in this order from the current RNG state, so a seed fixes them.
+    """
+    hypernet = ExpertHypernetwork(len(num_blocks), num_experts).to(device)
+    routers = [
+        LayerRouter(
+            hidden_size, num_experts, blocks, hypernet.embedding_dim, offset
+        ).to(device)
+        for blocks in num_blocks
+    ]
+    return hypernet, routers

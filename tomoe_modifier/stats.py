@@ -1,13 +1,15 @@
-"""Measure what a converted model actually executes: active parameters per token."""
+"""Measure what a converted model executes: active parameters per token, memory."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from tomoe_modifier.budget import count_budget
+from tomoe_modifier.mappings import get_layout
 from tomoe_modifier.modeling_tomoe import ToMoESparseMLP
 
-__all__ = ["active_parameter_stats", "peak_rss_mib"]
+__all__ = ["active_parameter_stats", "active_ratio_on_text", "peak_rss_mib"]
 
 
 def peak_rss_mib() -> float:
@@ -28,38 +30,24 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 @torch.no_grad()
 def active_parameter_stats(model: nn.Module, batches) -> dict:
     """
     Run ``batches`` (dicts with input_ids and optional attention_mask) through a
     converted model and count, per real token, the attention + MLP parameters it
-    used, relative to the dense model (attention + full MLPs, as in the budget).
+    used, relative to the dense model (``tomoe_modifier.budget``, as in training).
 
     :return: mean and worst observed ratio, the structural worst case (every layer
         routing to its widest expert), token count and expert usage per layer
     """
-    config = model.config
-    layers = model.model.layers
-    hidden, dense_width = config.hidden_size, config.intermediate_size
-    attention = sum(_params(layer.self_attn) for layer in layers)
-    dense_total = attention
-    fixed = attention
-    moes: list[ToMoESparseMLP] = []
-    for layer in layers:
-        mlp = layer.mlp
-        if isinstance(mlp, ToMoESparseMLP):
-            per_channel = 3 * hidden + (2 if mlp.gate_up_proj.bias is not None else 0)
-            down_bias = 0 if mlp.down_proj.bias is None else hidden
-            dense_total += per_channel * dense_width + down_bias
-            fixed += _params(mlp.router) + down_bias
-            moes.append(mlp)
-        else:
-            dense_total += _params(mlp)
-            fixed += _params(mlp)
+    _, layout = get_layout(model, converted=True)
+    budget = count_budget(model, layout)
+    layers = model.get_submodule(layout.layers)
+    moes = [
+        getattr(layer, layout.mlp)
+        for layer in layers
+        if isinstance(getattr(layer, layout.mlp), ToMoESparseMLP)
+    ]
     if not moes:
         raise ValueError("model has no ToMoESparseMLP layers; convert it first")
 
@@ -86,25 +74,36 @@ def active_parameter_stats(model: nn.Module, batches) -> dict:
         for h in handles:
             h.remove()
     valid = torch.cat(valid_masks)
-    per_token = torch.full((int(valid.sum()),), float(fixed), dtype=torch.float64)
-    usage = []
-    for moe, chosen in zip(moes, choices):
-        ids = torch.cat(chosen)[valid]
-        per_channel = 3 * hidden + (2 if moe.gate_up_proj.bias is not None else 0)
-        widths = moe.expert_widths().cpu().double()
-        per_token += per_channel * widths[ids]
-        counts = torch.bincount(ids, minlength=moe.num_experts)
-        usage.append((counts.double() / max(1, ids.numel())).tolist())
-    structural = fixed + sum(
-        (3 * hidden + (2 if m.gate_up_proj.bias is not None else 0))
-        * int(m.expert_widths().max())
-        for m in moes
-    )
+    expert_ids = [torch.cat(chosen)[valid] for chosen in choices]
+    widths = [moe.expert_widths().cpu() for moe in moes]
+    per_token = budget.token_params(expert_ids, widths)
+    usage = [
+        (
+            torch.bincount(ids, minlength=moe.num_experts).double()
+            / max(1, ids.numel())
+        ).tolist()
+        for ids, moe in zip(expert_ids, moes)
+    ]
     return {
-        "active_ratio_mean": float(per_token.mean() / dense_total),
-        "active_ratio_worst_observed": float(per_token.max() / dense_total),
-        "active_ratio_worst_case": structural / dense_total,
+        "active_ratio_mean": float(per_token.mean() / budget.dense_total),
+        "active_ratio_worst_observed": float(per_token.max() / budget.dense_total),
+        "active_ratio_worst_case": budget.ratio(budget.worst_case_params(widths)),
         "tokens": int(valid.sum()),
         "expert_usage": usage,
-        "dense_attention_mlp_params": dense_total,
+        "dense_attention_mlp_params": budget.dense_total,
     }
+
+
+def active_ratio_on_text(
+    model: nn.Module, tokenizer, texts: list[str], context: int = 512, windows: int = 24
+) -> dict:
+    """``active_parameter_stats`` on the first ``windows`` windows of ``context``
+    tokens of ``texts`` (each text tokenized on its own)."""
+    from tomoe_modifier.assets.calibration import token_windows
+
+    chosen = token_windows(tokenizer, texts, context)[:windows]
+    if not chosen:
+        raise ValueError("no window of >= 2 tokens in texts; pass longer texts")
+    return active_parameter_stats(
+        model, [{"input_ids": torch.tensor([w])} for w in chosen]
+    )

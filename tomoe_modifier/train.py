@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +19,13 @@ from loguru import logger
 from torch import nn
 from tqdm.auto import tqdm
 
+from tomoe_modifier.budget import Budget
 from tomoe_modifier.router import ExpertHypernetwork, LayerRouter
 
 __all__ = [
-    "BudgetCounter",
     "GatedMLPs",
     "TrainSettings",
+    "frozen",
     "distillation_loss",
     "union_loss",
     "balance_loss",
@@ -33,63 +34,49 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSettings:
+    """
+    What one training run needs. The values are the ``ToMoEModifier`` fields of
+    the same names (the one place their defaults live) plus the derived
+    ``steps`` and ``compute_dtype``; build it with :meth:`from_fields`.
+    """
+
     steps: int
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    target_active_ratio: float = 0.5
-    distill_weight: float = 2.0
-    budget_weight: float = 16.0
-    union_weight: float = 3.0
-    balance_weight: float = 1.0
-    temperature: float = 0.4
-    noise_anneal: float = 0.0  # final fraction of steps over which noise -> 0
-    lr_schedule: str = "constant"  # or "cosine" (to 0 at the last step)
-    compute_dtype: torch.dtype = torch.float32
-    log_every: int = 10
-    seed: int = 0
+    compute_dtype: torch.dtype
+    lr: float
+    weight_decay: float
+    target_active_ratio: float
+    distill_weight: float
+    budget_weight: float
+    union_weight: float
+    balance_weight: float
+    temperature: float
+    noise_anneal: float  # final fraction of steps over which the noise -> 0
+    lr_schedule: str  # "constant" or "cosine" (to 0 at the last step)
+    log_every: int
+    seed: int
+
+    @classmethod
+    def from_fields(cls, source, **derived) -> "TrainSettings":
+        """Settings from the same-named attributes of ``source`` (the modifier)."""
+        names = [f.name for f in fields(cls) if f.name not in derived]
+        return cls(**{name: getattr(source, name) for name in names}, **derived)
 
 
-@dataclass
-class BudgetCounter:
-    """
-    Active parameters per token, counted as the converted model executes them:
-    every attention weight, the router, and 3 weights per kept MLP channel of the
-    token's expert. Dense reference: attention + full MLPs (the paper's ratio).
-    """
-
-    attention_params: int
-    dense_mlp_params: int  # MLPs ToMoE leaves dense (ignored layers)
-    router_params: int
-    params_per_channel: list[int]  # per converted layer
-    full_mlp_params: list[int]  # per converted layer, before conversion
-    block_size: int = 1
-
-    @property
-    def dense_total(self) -> int:
-        return self.attention_params + self.dense_mlp_params + sum(self.full_mlp_params)
-
-    def fixed_params(self) -> int:
-        return self.attention_params + self.dense_mlp_params + self.router_params
-
-    def ratio(self, expert_params: torch.Tensor | float) -> torch.Tensor | float:
-        return (self.fixed_params() + expert_params) / self.dense_total
-
-    def expert_params(self, widths: list[torch.Tensor], usage: list[torch.Tensor]):
-        """widths[l]: channels per expert [E]; usage[l]: token share per expert [E]."""
-        total = 0.0
-        for per_channel, w, f in zip(self.params_per_channel, widths, usage):
-            total = total + per_channel * (w * f).sum()
-        return total
-
-    def worst_case_params(self, widths: list[torch.Tensor]) -> float:
-        return float(
-            sum(
-                c * float(w.detach().max())
-                for c, w in zip(self.params_per_channel, widths)
-            )
-        )
+@contextlib.contextmanager
+def frozen(model: nn.Module):
+    """Freeze every model parameter and switch to eval mode; restore on exit."""
+    grad_flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.requires_grad_(False)
+    model.eval()
+    try:
+        yield model
+    finally:
+        for p, flag in grad_flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 class GatedMLPs:
@@ -204,7 +191,7 @@ def train_routers(
     model: nn.Module,
     gates: GatedMLPs,
     hypernet: ExpertHypernetwork,
-    budget: BudgetCounter,
+    budget: Budget,
     loader,
     settings: TrainSettings,
     device: torch.device,
@@ -267,7 +254,7 @@ def train_routers(
             kd = distillation_loss(
                 student.reshape(-1, vocab), teacher.reshape(-1, vocab), valid
             )
-            widths = [m.sum(dim=1) * budget.block_size for m in gates.block_masks]
+            widths = [m.sum(dim=1) * gates.block_size for m in gates.block_masks]
             usage = [
                 (c * valid[:, None]).sum(0) / valid.sum().clamp_min(1)
                 for c in gates.choices

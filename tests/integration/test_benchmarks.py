@@ -3,12 +3,10 @@
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
-from conftest import make_model, save_model
 
-REPO = Path(__file__).parents[2]
+from tests.testing_utils import REPO, make_model, save_model, shipped_recipe
 
 
 @pytest.mark.integration
@@ -20,12 +18,12 @@ def test_run_all_writes_tables_and_plots(tmp_path, text_cache):
         "MODEL": dense,
         "BENCH_ROOT": str(tmp_path / "bench"),
         "REPORT_DIR": str(report),
-        "ITERS": "2",
+        "RECIPE": shipped_recipe(tmp_path, "tomoe_50.yaml", 2, width_multiple=16),
         "ROUNDS": "1",
         "DTYPES": "float32",
         "SWEEP_ARGS": "--ratios 0.5 --seq-len 16 --batch-size 2 "
         "--num-calibration-samples 8 --baseline-samples 8 --stats-windows 2 "
-        "--stats-context 32 --width-multiple 16",
+        "--stats-context 32",
         "QUALITY_ARGS": "--max-length 32 --limit 2",
         "SPEED_ARGS": "--prompt-source random --prompt-tokens 8 --new-tokens 4 "
         "--prefill-tokens 16 --batch 2 --no-memory",

@@ -7,8 +7,8 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import make_model, save_model
 
+from tests.testing_utils import make_model, save_model
 from tomoe_modifier.lm_eval_tasks import evaluate_perplexity, include_path
 from tomoe_modifier.lm_eval_tasks.docs import load_docs
 
@@ -76,3 +76,30 @@ def test_cli_with_include_path_matches_python(tmp_path, text_cache):
         for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
             got = results[task][f"{metric},none"]
             assert got == pytest.approx(expected[task][metric], rel=1e-6)
+
+
+@pytest.mark.integration
+def test_token_perplexity_matches_a_manual_computation(tmp_path, text_cache):
+    """Articles shorter than max_length: one window, every token predicted once
+    from the tokens before it and the tokenizer's BOS (lm-eval's prefix)."""
+    import torch
+    import torch.nn.functional as F
+
+    from tests.testing_utils import make_tokenizer
+
+    model = make_model("llama")
+    model_dir = save_model(model, tmp_path / "model")
+    got = evaluate_perplexity(model_dir, ["tomoe_news"], max_length=128)
+    tok = make_tokenizer()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for doc in load_docs("news")["test"]:
+            ids = tok(doc["text"], add_special_tokens=False)["input_ids"]
+            assert len(ids) < 128
+            x = torch.tensor([[tok.bos_token_id] + ids[:-1]])
+            logits = model(x).logits[0]
+            nll += F.cross_entropy(logits, torch.tensor(ids), reduction="sum").item()
+            count += len(ids)
+    row = got["results"]["tomoe_news"]
+    assert row["tokens"] == count
+    assert row["token_perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)

@@ -4,28 +4,17 @@ import json
 
 import pytest
 import torch
-from conftest import assert_loads_without_plugin, make_dataset, make_model, save_model
-from llmcompressor import oneshot
 from llmcompressor.core import active_session
 from transformers import AutoModelForCausalLM
 
-import tomoe_modifier  # noqa: F401  (registers ToMoEModifier and the architectures)
+from tests.testing_utils import (
+    FAST,
+    assert_loads_without_plugin,
+    make_model,
+    run_oneshot,
+    save_model,
+)
 from tomoe_modifier import ToMoEModifier, ToMoESparseMLP
-
-FAST = dict(num_experts=4, width_multiple=16, epochs=2, lr=2e-2, log_every=4)
-
-
-def _run(model_dir, out_dir, recipe, **kwargs):
-    return oneshot(
-        model=model_dir,
-        dataset=kwargs.pop("dataset", make_dataset()),
-        recipe=recipe,
-        max_seq_length=32,
-        num_calibration_samples=16,
-        batch_size=kwargs.pop("batch_size", 4),
-        output_dir=str(out_dir) if out_dir else None,
-        **kwargs,
-    )
 
 
 @pytest.mark.integration
@@ -35,7 +24,7 @@ def test_oneshot_converts_saves_and_reloads(tmp_path, family):
     dense = AutoModelForCausalLM.from_pretrained(dense_dir)
     report = tmp_path / "report.json"
     modifier = ToMoEModifier(target_active_ratio=0.6, report_path=str(report), **FAST)
-    model = _run(dense_dir, tmp_path / "out", [modifier])
+    model = run_oneshot(dense_dir, [modifier], tmp_path / "out")
 
     moes = [m for m in model.modules() if isinstance(m, ToMoESparseMLP)]
     assert len(moes) == 2
@@ -49,6 +38,7 @@ def test_oneshot_converts_saves_and_reloads(tmp_path, family):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == f"tomoe_{family}"
     assert config["num_experts"] == 4 and len(config["moe_union_sizes"]) == 2
+    assert config["num_experts_per_tok"] == 1
     assert "auto_map" in config
     assert (tmp_path / "out" / "modeling_tomoe.py").exists()
 
@@ -61,9 +51,8 @@ def test_oneshot_converts_saves_and_reloads(tmp_path, family):
 
 
 @pytest.mark.integration
-def test_checkpoint_loads_without_the_plugin(tmp_path):
-    dense_dir = save_model(make_model("llama"), tmp_path / "dense")
-    model = _run(dense_dir, tmp_path / "out", [ToMoEModifier(**FAST)])
+def test_checkpoint_loads_without_the_plugin(tmp_path, tiny_llama_dir):
+    model = run_oneshot(tiny_llama_dir, [ToMoEModifier(**FAST)], tmp_path / "out")
     x = torch.randint(4, 256, (1, 9))
     with torch.no_grad():
         torch.save({"x": x, "logits": model(x).logits}, tmp_path / "expected.pt")
@@ -71,29 +60,27 @@ def test_checkpoint_loads_without_the_plugin(tmp_path):
 
 
 @pytest.mark.integration
-def test_yaml_recipe_and_saved_recipe_round_trip(tmp_path):
-    dense_dir = save_model(make_model("llama"), tmp_path / "dense")
+def test_yaml_recipe_and_saved_recipe_round_trip(tmp_path, tiny_llama_dir):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         "tomoe_stage:\n  tomoe_modifiers:\n    ToMoEModifier:\n"
         + "".join(f"      {k}: {v}\n" for k, v in FAST.items())
     )
-    _run(dense_dir, tmp_path / "out", str(recipe))
+    run_oneshot(tiny_llama_dir, str(recipe), tmp_path / "out")
     saved = tmp_path / "out" / "recipe.yaml"
     assert "ToMoEModifier" in saved.read_text()
     active_session().reset()
-    model = _run(dense_dir, tmp_path / "out2", str(saved))
+    model = run_oneshot(tiny_llama_dir, str(saved), tmp_path / "out2")
     assert any(isinstance(m, ToMoESparseMLP) for m in model.modules())
 
 
 @pytest.mark.integration
-def test_training_is_seeded(tmp_path):
-    dense_dir = save_model(make_model("llama"), tmp_path / "dense")
+def test_training_is_seeded(tiny_llama_dir):
     x = torch.randint(4, 256, (2, 12))
     outputs = []
-    for run in range(2):
+    for _ in range(2):
         active_session().reset()
-        model = _run(dense_dir, None, [ToMoEModifier(seed=3, **FAST)])
+        model = run_oneshot(tiny_llama_dir, [ToMoEModifier(seed=3, **FAST)])
         with torch.no_grad():
             outputs.append(model(x).logits)
     torch.testing.assert_close(outputs[0], outputs[1])

@@ -5,26 +5,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import assert_loads_without_plugin, make_dataset, make_model, save_model
-from llmcompressor import oneshot
-from llmcompressor.modeling.moe.context import moe_calibration_context
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-import tomoe_modifier  # noqa: F401
+from tests.testing_utils import (
+    assert_loads_without_plugin,
+    make_model,
+    run_oneshot,
+    save_model,
+    shipped_recipe,
+)
 from tomoe_modifier import ToMoESparseMLP
-
-RECIPES = Path(__file__).parents[2] / "recipes"
-
-
-def shipped_recipe(tmp_path, name: str, iters: int = 4) -> str:
-    """A recipe of recipes/ as shipped, with fewer ToMoE steps for a tiny model."""
-    recipe = yaml.safe_load((RECIPES / name).read_text())
-    recipe["tomoe_stage"]["tomoe_modifiers"]["ToMoEModifier"]["iters"] = iters
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))  # keep stage order
-    return str(path)
 
 
 def _quantize(tmp_path, recipe: str):
@@ -33,15 +24,7 @@ def _quantize(tmp_path, recipe: str):
         make_model("llama", hidden=128, intermediate=512), tmp_path / "dense"
     )
     out = tmp_path / "out"
-    model = oneshot(
-        model=dense_dir,
-        dataset=make_dataset(num_samples=16, seq_len=32),
-        recipe=shipped_recipe(tmp_path, recipe),
-        max_seq_length=32,
-        num_calibration_samples=16,
-        batch_size=4,
-        output_dir=str(out),
-    )
+    model = run_oneshot(dense_dir, shipped_recipe(tmp_path, recipe), out)
     return model, out
 
 
@@ -114,27 +97,6 @@ def test_no_expert_channel_is_left_without_calibration(tmp_path):
         assert (weight.abs().sum(dim=0) > 0).all(), "a down_proj column was zeroed"
 
 
-@pytest.mark.unit
-def test_calibration_flag_shows_down_proj_every_channel():
-    from tomoe_modifier.convert import build_sparse_mlp
-    from tomoe_modifier.mappings import MLPLayout
-
-    dense = make_model("llama").model.layers[0].mlp
-    masks = torch.zeros(4, 8, dtype=torch.bool)
-    masks[torch.arange(4), torch.arange(4)] = True  # disjoint one-block experts
-    moe = build_sparse_mlp(
-        dense, MLPLayout(), torch.nn.Linear(64, 4, bias=False), masks, 16, "silu"
-    )
-    seen = []
-    moe.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    x = torch.randn(6, 64)
-    routed = moe(x)
-    with moe_calibration_context():
-        calibrated = moe(x)
-    torch.testing.assert_close(calibrated, routed)
-    assert (seen[-1] != 0).all(), "observers must see every channel on every token"
-
-
 @pytest.mark.integration
 def test_saved_quantization_recipe_loads_back_and_reruns(tmp_path):
     from llmcompressor.core import active_session
@@ -144,13 +106,6 @@ def test_saved_quantization_recipe_loads_back_and_reruns(tmp_path):
     text = saved.read_text()
     assert "ToMoEModifier" in text and "GPTQModifier" in text
     active_session().reset()
-    model = oneshot(
-        model=str(tmp_path / "dense"),
-        dataset=make_dataset(num_samples=16, seq_len=32),
-        recipe=str(saved),
-        max_seq_length=32,
-        num_calibration_samples=16,
-        batch_size=4,
-    )
+    model = run_oneshot(str(tmp_path / "dense"), str(saved))
     moes = [m for m in model.modules() if isinstance(m, ToMoESparseMLP)]
     assert moes and all(hasattr(m.down_proj, "quantization_scheme") for m in moes)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import make_dataset, make_model, make_tokenizer
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from tests.testing_utils import make_dataset, make_model, make_tokenizer
 from tomoe_modifier.baselines import (
     channel_scores,
     iter_batches,

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import make_model
 
+from tests.testing_utils import make_model
 from tomoe_modifier.convert import convert_model, final_block_masks, order_union_blocks
 from tomoe_modifier.mappings import get_layout
 from tomoe_modifier.router import ExpertHypernetwork, LayerRouter
@@ -31,7 +31,7 @@ def _trained_like_gates(model, experts=4, seed=0, block=BLOCK):
         for _ in layers
     ]
     for r in routers:
-        torch.nn.init.normal_(r.router.weight, 0, 1.0)
+        torch.nn.init.normal_(r.gate.weight, 0, 1.0)
         torch.nn.init.normal_(r.decoder[-1].weight, 0, 0.5)
     return hn.eval(), [r.eval() for r in routers]
 

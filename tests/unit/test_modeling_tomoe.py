@@ -2,15 +2,29 @@
 
 import pytest
 import torch
-from conftest import make_model
+from llmcompressor.modeling.moe.context import moe_calibration_context
 
+import tomoe_modifier.modeling_tomoe as modeling
+from tests.testing_utils import make_model
 from tomoe_modifier.convert import build_sparse_mlp
 from tomoe_modifier.mappings import MLPLayout
 from tomoe_modifier.modeling_tomoe import (
     ToMoESparseMLP,
     blocks_to_ranges,
+    can_slice_weights,
     merge_ranges,
+    sliced_forward,
 )
+
+
+def masked_reference(moe, x):
+    """ToMoESparseMLP.forward with the CPU fast path switched off."""
+    original = modeling.can_slice_weights
+    modeling.can_slice_weights = lambda *_: False
+    try:
+        return moe(x)
+    finally:
+        modeling.can_slice_weights = original
 
 
 def _random_moe(bias=False, seed=0, experts=4, union=96, block=16, hidden=64):
@@ -45,30 +59,29 @@ def test_sliced_path_equals_masked_reference(bias, tokens, block):
     moe = _random_moe(bias=bias, block=block)
     x = torch.randn(tokens, 64)
     ids = moe.router(x).argmax(-1)
-    assert moe._can_slice_weights(x)
+    assert can_slice_weights(moe, x)
     torch.testing.assert_close(
-        moe._forward_sliced(x, ids), moe._forward_masked(x, ids), atol=1e-5, rtol=1e-5
+        sliced_forward(moe, x, ids), masked_reference(moe, x), atol=1e-5, rtol=1e-5
     )
 
 
 @pytest.mark.unit
 def test_gap_merging_and_union_fallback_stay_exact(monkeypatch):
-    import tomoe_modifier.modeling_tomoe as modeling
-
     moe = _random_moe(block=1)  # per-channel experts: many short ranges
     x = torch.randn(9, 64)
     ids = moe.router(x).argmax(-1)
-    reference = moe._forward_masked(x, ids)
+    reference = masked_reference(moe, x)
     for overhead in (0, 8, 10_000):  # no merging, some gaps, whole spans
         monkeypatch.setattr(modeling, "SLICE_OVERHEAD_CHANNELS", {x.dtype: overhead})
-        moe._plans.clear()
+        moe.plan_cache().clear()
         for t in (1, 3, 9):
             torch.testing.assert_close(
-                moe._forward_sliced(x[:t], ids[:t]), reference[:t]
+                sliced_forward(moe, x[:t], ids[:t]), reference[:t]
             )
-    plans = [v for k, v in moe._plans.items() if k[0] != "mask"]
+    cache = moe.plan_cache()
+    plans = [v for k, v in cache.items() if k[0] != "mask"]
     assert any(keep is not None for plan in plans for _, _, keep in plan)
-    assert ("mask", x.dtype) in moe._plans, "the union fallback never ran"
+    assert ("mask", x.dtype) in cache, "the union fallback never ran"
 
 
 @pytest.mark.unit
@@ -122,30 +135,29 @@ def test_expert_ranges_follow_buffer_updates():
 
 
 @pytest.mark.unit
-def test_active_parameter_stats_counts_routed_widths():
-    from tomoe_modifier.convert import convert_model
-    from tomoe_modifier.mappings import get_layout
-    from tomoe_modifier.stats import active_parameter_stats
+def test_calibration_flag_shows_down_proj_every_channel():
+    dense = make_model("llama").model.layers[0].mlp
+    masks = torch.zeros(4, 8, dtype=torch.bool)
+    masks[torch.arange(4), torch.arange(4)] = True  # disjoint one-block experts
+    moe = build_sparse_mlp(
+        dense, MLPLayout(), torch.nn.Linear(64, 4, bias=False), masks, 16, "silu"
+    )
+    seen = []
+    moe.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    x = torch.randn(6, 64)
+    routed = moe(x)
+    with moe_calibration_context():
+        calibrated = moe(x)
+    torch.testing.assert_close(calibrated, routed)
+    assert (seen[-1] != 0).all(), "observers must see every channel on every token"
 
-    model = make_model("llama")
-    routers = [torch.nn.Linear(64, 2, bias=False) for _ in range(2)]
-    holders = [torch.nn.Module() for _ in range(2)]
-    for h, r in zip(holders, routers):
-        torch.nn.init.zeros_(r.weight)  # argmax of equal logits: expert 0
-        h.router = r
-    masks = [torch.tensor([[1] * 4 + [0] * 4, [1] * 8], dtype=torch.bool)] * 2
-    arch, layout = get_layout(model)
-    convert_model(model, arch, layout, [0, 1], holders, masks, 16, 2)
-    stats = active_parameter_stats(
-        model, [{"input_ids": torch.randint(4, 256, (2, 8))}]
-    )
-    attention = sum(
-        p.numel() for layer in model.model.layers for p in layer.self_attn.parameters()
-    )
-    dense = attention + 2 * 3 * 64 * 128
-    expected_mean = (attention + 2 * 64 * 2 + 2 * 3 * 64 * 64) / dense
-    expected_worst = (attention + 2 * 64 * 2 + 2 * 3 * 64 * 128) / dense
-    assert stats["tokens"] == 16
-    assert stats["active_ratio_mean"] == pytest.approx(expected_mean)
-    assert stats["active_ratio_worst_case"] == pytest.approx(expected_worst)
-    assert stats["expert_usage"][0] == [1.0, 0.0]
+
+@pytest.mark.unit
+def test_config_names_one_expert_per_token_and_no_dense_mlp_in_tp_plan():
+    from tomoe_modifier.modeling_tomoe import TOMOE_ARCHITECTURES
+
+    for config_cls, _ in TOMOE_ARCHITECTURES.values():
+        config = config_cls()
+        assert config.num_experts_per_tok == 1
+        plan = config.base_model_tp_plan or {}
+        assert plan and not any(".mlp." in key for key in plan)

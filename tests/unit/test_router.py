@@ -53,17 +53,6 @@ def test_router_runs_in_fp32_under_bf16_autocast():
 
 
 @pytest.mark.unit
-def test_noise_scale_anneals_to_zero_on_the_last_step():
-    from tomoe_modifier.train import noise_scale
-
-    assert [noise_scale(s, 10, 0.0) for s in range(10)] == [1.0] * 10
-    scales = [noise_scale(s, 10, 0.5) for s in range(10)]
-    assert scales[:5] == [1.0] * 5
-    assert scales[-1] == 0.0
-    assert all(a >= b for a, b in zip(scales, scales[1:]))
-
-
-@pytest.mark.unit
 def test_scaled_noise_changes_samples_and_zero_noise_is_deterministic():
     torch.manual_seed(0)
     logits = torch.zeros(2000)

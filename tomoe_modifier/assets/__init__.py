@@ -16,9 +16,9 @@ __all__ = [
     "cache_dir",
     "download_wheel",
     "load_split",
-    "perplexity",
     "prepare_smollm2",
     "prepare_text",
+    "token_windows",
 ]
 
 _WHERE = {
@@ -30,13 +30,15 @@ _WHERE = {
     "load_split": "text",
     "prepare_text": "text",
     "build_calibration_dataset": "calibration",
-    "perplexity": "perplexity",
+    "token_windows": "calibration",
 }
 
 if TYPE_CHECKING:
     from tomoe_modifier.assets.cache import atomic_dir, cache_dir, download_wheel
-    from tomoe_modifier.assets.calibration import build_calibration_dataset
-    from tomoe_modifier.assets.perplexity import perplexity
+    from tomoe_modifier.assets.calibration import (
+        build_calibration_dataset,
+        token_windows,
+    )
     from tomoe_modifier.assets.smollm2 import prepare_smollm2
     from tomoe_modifier.assets.text import SPLITS, load_split, prepare_text
 

