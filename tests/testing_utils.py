@@ -32,6 +32,8 @@ from transformers import (  # noqa: E402
     Qwen3ForCausalLM,
 )
 
+import tomoe_modifier  # noqa: E402,F401  (registers ToMoEModifier for YAML recipes)
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 VOCAB_SIZE = 256

@@ -16,7 +16,8 @@ from pydantic import Field, PrivateAttr, field_validator
 from torch import nn
 
 from tomoe_modifier.budget import Budget, count_budget
-from tomoe_modifier.convert import convert_model, final_block_masks
+from tomoe_modifier.convert import convert_model, final_layer_masks
+from tomoe_modifier.export import check_stock_export, export_qwen2_moe
 from tomoe_modifier.mappings import MLPLayout, get_layout
 from tomoe_modifier.precision import choose_compute_dtype
 from tomoe_modifier.router import build_routers
@@ -64,6 +65,12 @@ class ToMoEModifier(Modifier):
             - nothing (all work is done before any calibration pipeline runs, so a
               quantization modifier later in the recipe sees the experts)
 
+    :param expert_layout: "paper": each expert is any subset of the MLP's channels
+        (overlapping, learned widths), saved as this package's ToMoE architecture;
+        "shared": an always-on gated shared set plus E disjoint routed groups of
+        equal width per MLP (the widths follow from the target ratio; which channel
+        goes where is trained), saved as a stock Qwen2-MoE model that transformers
+        and vLLM load without this package (Llama, Mistral, Qwen2 attention)
     :param targets: MLP modules to convert (matched against ``model.layers.N.mlp``)
     :param ignore: MLP modules to leave dense
     :param num_experts: experts per converted MLP, at least 2
@@ -105,6 +112,7 @@ class ToMoEModifier(Modifier):
 
     requires_calibration_data: bool = False  # ToMoE runs its own loop in on_initialize
 
+    expert_layout: Literal["paper", "shared"] = "paper"
     targets: list[str] = Field(default_factory=lambda: ["re:.*mlp$"])
     ignore: list[str] = Field(default_factory=list)
     num_experts: int = 8
@@ -197,23 +205,32 @@ class ToMoEModifier(Modifier):
             f"{plan.settings.steps} steps, compute {plan.settings.compute_dtype}"
         )
         routers, masks, history = self._train(model, plan)
-        unions = convert_model(
-            model,
-            plan.arch,
-            plan.layout,
-            plan.indices,
-            routers,
-            masks,
-            self.mask_block_size,
-            self.num_experts,
-            self.width_multiple,
-        )
-        widths = [(m.sum(dim=1) * self.mask_block_size).tolist() for m in masks]
+        if self.expert_layout == "shared":
+            layout = export_qwen2_moe(
+                model, plan.layout, plan.indices, routers, masks, self.mask_block_size
+            )
+        else:
+            layout = {
+                "union_sizes": convert_model(
+                    model,
+                    plan.arch,
+                    plan.layout,
+                    plan.indices,
+                    routers,
+                    [m.experts for m in masks],
+                    self.mask_block_size,
+                    self.num_experts,
+                    self.width_multiple,
+                )
+            }
+        block = self.mask_block_size
+        widths = [(m.experts.sum(dim=1) * block).tolist() for m in masks]
         self._report = {
             "architecture": plan.arch,
+            "expert_layout": self.expert_layout,
             "target_active_ratio": self.target_active_ratio,
             "layers": plan.indices,
-            "union_sizes": unions,
+            **layout,
             "expert_widths": widths,
             **plan.budget.summary(widths),
             "compute_dtype": str(plan.settings.compute_dtype),
@@ -239,6 +256,7 @@ class ToMoEModifier(Modifier):
                 [plan.width(m) // self.mask_block_size for m in plan.mlps],
                 self.mask_offset,
                 plan.device,
+                shared=plan.shared_blocks,
             )
             gates = GatedMLPs(
                 plan.mlps, plan.downs, routers, self.mask_block_size, self.temperature
@@ -271,7 +289,7 @@ class ToMoEModifier(Modifier):
                         plan.device,
                     )
         routers = [r.eval() for r in routers]
-        masks = final_block_masks(hypernet.eval(), routers, self.temperature)
+        masks = final_layer_masks(hypernet.eval(), routers, self.temperature)
         return routers, masks, history
 
     @property
@@ -287,20 +305,29 @@ class ToMoEModifier(Modifier):
         arch, layout = get_layout(model)
         indices, mlps = self._find_target_mlps(model, layout)
         loader = self._check_calibration_data(loader)
-        budget = count_budget(
-            model,
-            layout,
-            indices,
-            router_params=model.config.hidden_size * self.num_experts,
+        hidden = model.config.hidden_size
+        shared = self.expert_layout == "shared"
+        if shared:
+            check_stock_export(model, layout)
+        budget = count_budget(  # the shared layout adds a gate of its shared set
+            model, layout, indices, router_params=hidden * (self.num_experts + shared)
         )
         self._check_feasible(budget)
+        shared_blocks = None
+        if shared:
+            widths = budget.shared_widths(
+                self.target_active_ratio, self.num_experts, self.width_multiple
+            )
+            shared_blocks = tuple(w // self.mask_block_size for w in widths)
         device = next(model.parameters()).device
         settings = TrainSettings.from_fields(
             self,
             steps=self.iters or self.epochs * len(loader),
             compute_dtype=self._resolve_dtype(device),
         )
-        return _Plan(arch, layout, indices, mlps, loader, budget, device, settings)
+        return _Plan(
+            arch, layout, indices, mlps, loader, budget, device, settings, shared_blocks
+        )
 
     @staticmethod
     def _check_not_quantized(model) -> None:
@@ -406,6 +433,7 @@ class _Plan:
     budget: Budget
     device: torch.device
     settings: TrainSettings
+    shared_blocks: tuple[int, int] | None  # (shared, per routed group): "shared"
 
     @property
     def downs(self) -> list[nn.Module]:

@@ -71,6 +71,18 @@ def count_layer(
     qk_bias = int(q is not None and q.bias is not None)
     qk_per_dim = (heads + kv_heads) * (config.hidden_size + qk_bias)
     hidden = config.hidden_size
+    if hasattr(mlp, "shared_expert"):  # a stock Qwen2-MoE block (shared layout)
+        return LayerCount(
+            attention=_numel(attention),
+            qk_params_per_dim=qk_per_dim,
+            head_dim=head_dim,
+            mlp=3 * hidden * config.intermediate_size,
+            mlp_width=config.intermediate_size,
+            params_per_channel=3 * hidden,
+            mlp_fixed=0,
+            converted=True,
+            router=_numel(mlp.gate) + _numel(mlp.shared_expert_gate),
+        )
     if hasattr(mlp, "union_size"):  # a converted ToMoESparseMLP
         width = config.intermediate_size
         bias = mlp.gate_up_proj.bias is not None
@@ -213,6 +225,38 @@ class Budget:
                 self.ratio(self.worst_case_params(widths))
             ),
         }
+
+    def shared_widths(
+        self, target: float, num_experts: int, multiple: int = 64
+    ) -> tuple[int, int]:
+        """
+        Channels (S, R) of the "shared" layout, the same in every converted MLP: a
+        shared set of S and E disjoint routed groups of R, so a token runs S + R.
+        S + R is the multiple of ``multiple`` whose ratio is closest to ``target``;
+        R is the largest multiple that still stores S + E * R <= the dense width,
+        which leaves the most room for routing.
+        """
+        widths = {c.mlp_width for c in self.converted}
+        if len(widths) != 1:
+            raise ValueError(
+                f"expert_layout 'shared' needs one MLP width in all converted layers, "
+                f"got {sorted(widths)}; convert layers of one width or use 'paper'"
+            )
+        (width,) = widths
+        exact = self.channel_fraction(target) * width
+        active = int(round(exact / multiple)) * multiple
+        active = max(multiple, min(active, width))
+        routed = (width - active) // (num_experts - 1) // multiple * multiple
+        routed = min(routed, active)
+        if routed < multiple:
+            raise ValueError(
+                f"expert_layout 'shared' with {num_experts} experts at "
+                f"target_active_ratio {target} leaves no routed group of "
+                f"{multiple} channels within the dense width ({active} active of "
+                f"{width}, shared + {num_experts} groups stored at most once): lower "
+                "num_experts, width_multiple or target_active_ratio"
+            )
+        return active - routed, routed
 
     def static_width(self, target: float, multiple: int = 64) -> dict:
         """

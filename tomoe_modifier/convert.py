@@ -14,10 +14,10 @@ from torch import nn
 
 from tomoe_modifier.mappings import MLPLayout
 from tomoe_modifier.modeling_tomoe import TOMOE_ARCHITECTURES, ToMoESparseMLP
-from tomoe_modifier.router import ExpertHypernetwork, LayerRouter
+from tomoe_modifier.router import ExpertHypernetwork, LayerMasks, LayerRouter
 
 __all__ = [
-    "final_block_masks",
+    "final_layer_masks",
     "order_union_blocks",
     "build_sparse_mlp",
     "convert_model",
@@ -25,15 +25,18 @@ __all__ = [
 
 
 @torch.no_grad()
-def final_block_masks(
+def final_layer_masks(
     hypernet: ExpertHypernetwork, routers: list[LayerRouter], temperature: float
-) -> list[torch.Tensor]:
-    """Noise-free expert keep-masks per converted layer, each bool [E, N]."""
+) -> list[LayerMasks]:
+    """Noise-free masks per converted layer (bool): what conversion exports."""
     embeddings = hypernet()  # [L, E, K]
-    return [
-        r.block_masks(embeddings[i], temperature, noise=False).bool()
-        for i, r in enumerate(routers)
-    ]
+    masks = []
+    for i, router in enumerate(routers):
+        experts, shared = router.layer_masks(embeddings[i], temperature, noise=False)
+        masks.append(
+            LayerMasks(experts.bool(), None if shared is None else shared.bool())
+        )
+    return masks
 
 
 def order_union_blocks(masks: torch.Tensor) -> list[int]:
@@ -143,7 +146,7 @@ def convert_model(
         logger.info(
             f"ToMoE converted {layout.layers}.{index}.{layout.mlp}: "
             f"{dense_width(dense, layout)} -> union {moe.union_size} channels, "
-            f"expert widths {widths}, {len(sum(moe.expert_ranges(), []))} ranges"
+            f"expert widths {widths}"
         )
     config_cls, model_cls = TOMOE_ARCHITECTURES[arch]
     old_type = config.model_type

@@ -41,6 +41,8 @@ def get_layout(model, converted: bool = False) -> tuple[str, MLPLayout]:
     """
     arch = type(model).__name__
     dense_of = {cls.__name__: name for name, (_, cls) in TOMOE_ARCHITECTURES.items()}
+    if converted and arch == "Qwen2MoeForCausalLM":  # the shared layout's export
+        return arch, _GATED_MLP
     if converted:
         if arch not in dense_of:
             raise ValueError(

@@ -39,9 +39,9 @@ except ImportError:  # pragma: no cover - exercised only without llm-compressor
 
 __all__ = [
     "ToMoESparseMLP",
-    "can_slice_weights",
-    "expert_plan",
-    "sliced_forward",
+    "can_use_fast_path",
+    "cpu_kernel",
+    "moe_mlp",
     "ToMoELlamaConfig",
     "ToMoELlamaForCausalLM",
     "ToMoEMistralConfig",
@@ -51,189 +51,353 @@ __all__ = [
     "ToMoEQwen3Config",
     "ToMoEQwen3ForCausalLM",
     "TOMOE_ARCHITECTURES",
-    "blocks_to_ranges",
-    "merge_ranges",
-    "slice_overhead",
 ]
 
 
-# -- CPU fast path: planning and cost model ---------------------------------------
-# Measured on a 2-core Intel Xeon (AVX512-BF16/AMX), torch 2.13, SmolLM2-135M MLPs
-# (hidden 576, 1536 channels); other machines run the same code with these values.
-# One more weight slice costs about as much as reading this many more channels (op
-# launch + Python: ~10 us per small fp32 GEMV against ~0.2 us per channel; small
-# bf16 GEMMs go through oneDNN and cost ~40 us each).
-SLICE_OVERHEAD_CHANNELS = {torch.float32: 64, torch.bfloat16: 384, torch.float16: 384}
-# oneDNN (bf16/fp16 GEMMs on CPU) builds a kernel per new GEMM shape, and expert
-# token groups change size every call: a sliced multi-token bf16 MLP ran at half
-# the dense speed, so for those dtypes batches use the union path.
-GROUPED_SLICE_OVERHEAD_FACTOR = {torch.bfloat16: 64, torch.float16: 64}
-# A GEMM stops being memory-bound (weights read once for all tokens) at about this
-# many tokens (same machine).
-MEMORY_BOUND_TOKENS = 8
-# Above this many tokens gate and up are two GEMMs on strided row views of
-# gate_up_proj, so the activation reads contiguous memory (the interleaved
-# [T, w, 2] view made SiLU 5x slower than the GEMM itself at 512 tokens).
-SPLIT_GATE_UP_TOKENS = 4
+# -- CPU fast path ------------------------------------------------------------------
+# A converted MLP reads, per token, only the rows of gate_up_proj and of the
+# transposed down_proj that its expert uses. One C++ loop does it in a single pass
+# per channel (two dot products, SiLU, one axpy), built on first use and cached per
+# machine; where it cannot be built a pure-torch path (index_select copies + GEMV)
+# computes the same. Groups of more tokens than KERNEL_MAX_TOKENS use GEMMs on the
+# gathered weights instead (compute-bound). Both are exact against ``forward``'s
+# masked reference (tests/unit/test_modeling_tomoe.py).
+# KERNEL_MAX_TOKENS was chosen on a 2-core AMD EPYC (AVX-512), torch 2.13,
+# SmolLM2-135M MLPs: above it a batched GEMM beats the per-channel loop.
+KERNEL_MAX_TOKENS = 16
+KERNEL_ENV = "TOMOE_CPU_KERNEL"  # "auto" (default), "cpp" (must build) or "torch"
+
+_KERNEL_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+template <typename T> inline void load_row(const T* src, float* dst, int64_t n);
+template <> inline void load_row<float>(const float* src, float* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+template <>
+inline void load_row<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// y[t] = sum over visited channels c with (member[c] & token_bits[t]) of
+//        silu(gate_c . x_t + bg_c) * (up_c . x_t + bu_c) * s(c, t) * down_t[c]
+// gate_up: [2U, D], rows 2c (gate) and 2c+1 (up); down_t: [U, D]; visit: [W];
+// s(c, t) = token_scale[t] for channels with scaled[c] (a gated shared expert), else 1.
+template <typename T>
+void subset_mlp_impl(const T* x, const T* gu, const T* gu_bias, const T* dt,
+                     const int32_t* visit, const int64_t* member,
+                     const int64_t* token_bits, const uint8_t* scaled,
+                     const float* token_scale, int64_t W, int64_t tokens,
+                     int64_t D, float* out) {
+  std::vector<float> xf(tokens * D);
+  for (int64_t t = 0; t < tokens; ++t) load_row<T>(x + t * D, xf.data() + t * D, D);
+  const int threads = at::get_num_threads();
+  std::vector<float> partial(static_cast<size_t>(threads) * tokens * D, 0.f);
+  const int64_t grain = std::max<int64_t>(8, W / (4 * threads) + 1);
+  at::parallel_for(0, W, grain, [&](int64_t begin, int64_t end) {
+    float* y = partial.data() + static_cast<size_t>(at::get_thread_num()) * tokens * D;
+    std::vector<float> wg(D), wu(D), wd(D), h(tokens);
+    std::vector<char> hit(tokens, 1);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = visit[i];
+      bool any = true;
+      if (member != nullptr) {
+        any = false;
+        for (int64_t t = 0; t < tokens; ++t) {
+          hit[t] = (member[c] & token_bits[t]) != 0;
+          any = any || hit[t];
+        }
+      }
+      if (!any) continue;
+      load_row<T>(gu + (2 * c) * D, wg.data(), D);
+      load_row<T>(gu + (2 * c + 1) * D, wu.data(), D);
+      load_row<T>(dt + c * D, wd.data(), D);
+      float bias[2] = {0.f, 0.f};
+      if (gu_bias != nullptr) load_row<T>(gu_bias + 2 * c, bias, 2);
+      const bool scale_c = scaled != nullptr && scaled[c] != 0;
+      for (int64_t t = 0; t < tokens; ++t) {
+        if (!hit[t]) continue;
+        const float* xt = xf.data() + t * D;
+        const float g = dot(wg.data(), xt, D) + bias[0];
+        const float u = dot(wu.data(), xt, D) + bias[1];
+        float ht = g / (1.f + std::exp(-g)) * u;
+        if (scale_c) ht *= token_scale[t];
+        float* yt = y + t * D;
+        const float* w = wd.data();
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) yt[d] += ht * w[d];
+      }
+    }
+  });
+  for (int64_t k = 0; k < tokens * D; ++k) {
+    float acc = 0.f;
+    for (int th = 0; th < threads; ++th)
+      acc += partial[static_cast<size_t>(th) * tokens * D + k];
+    out[k] = acc;
+  }
+}
+
+template <typename T> const T* ptr_or_null(const c10::optional<torch::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? t->data_ptr<T>() : nullptr;
+}
+
+}  // namespace
+
+torch::Tensor subset_mlp(torch::Tensor x, torch::Tensor gate_up,
+                         c10::optional<torch::Tensor> gate_up_bias,
+                         torch::Tensor down_t, torch::Tensor visit,
+                         c10::optional<torch::Tensor> member,
+                         c10::optional<torch::Tensor> token_bits,
+                         c10::optional<torch::Tensor> scaled,
+                         c10::optional<torch::Tensor> token_scale) {
+  TORCH_CHECK(x.dim() == 2 && gate_up.dim() == 2 && down_t.dim() == 2, "2-D inputs");
+  TORCH_CHECK(x.is_contiguous() && gate_up.is_contiguous() && down_t.is_contiguous(),
+              "contiguous inputs");
+  TORCH_CHECK(visit.scalar_type() == torch::kInt32 && visit.is_contiguous(),
+              "visit must be contiguous int32");
+  TORCH_CHECK(x.scalar_type() == gate_up.scalar_type() &&
+                  x.scalar_type() == down_t.scalar_type(),
+              "x, gate_up and down_t must share one dtype");
+  const int64_t tokens = x.size(0), D = x.size(1), W = visit.numel();
+  auto out = torch::empty({tokens, D}, x.options().dtype(torch::kFloat32));
+  const int64_t* m = ptr_or_null<int64_t>(member);
+  const int64_t* tb = ptr_or_null<int64_t>(token_bits);
+  const uint8_t* sc = ptr_or_null<uint8_t>(scaled);
+  const float* ts = ptr_or_null<float>(token_scale);
+  TORCH_CHECK((sc == nullptr) == (ts == nullptr), "scaled needs token_scale");
+  if (x.scalar_type() == torch::kFloat32) {
+    subset_mlp_impl<float>(x.data_ptr<float>(), gate_up.data_ptr<float>(),
+                           ptr_or_null<float>(gate_up_bias), down_t.data_ptr<float>(),
+                           visit.data_ptr<int32_t>(), m, tb, sc, ts, W, tokens, D,
+                           out.data_ptr<float>());
+  } else if (x.scalar_type() == torch::kBFloat16) {
+    subset_mlp_impl<c10::BFloat16>(
+        x.data_ptr<c10::BFloat16>(), gate_up.data_ptr<c10::BFloat16>(),
+        ptr_or_null<c10::BFloat16>(gate_up_bias), down_t.data_ptr<c10::BFloat16>(),
+        visit.data_ptr<int32_t>(), m, tb, sc, ts, W, tokens, D, out.data_ptr<float>());
+  } else {
+    TORCH_CHECK(false, "subset_mlp supports float32 and bfloat16");
+  }
+  return out.to(x.scalar_type());
+}
+"""
+
+_kernel_state: dict = {}
 
 
-def slice_overhead(dtype: torch.dtype, tokens: int = 1) -> int:
-    """Cost of one more weight slice, in channels (see SLICE_OVERHEAD_CHANNELS)."""
-    overhead = SLICE_OVERHEAD_CHANNELS.get(dtype, 64)
-    if tokens > 1:
-        overhead *= GROUPED_SLICE_OVERHEAD_FACTOR.get(dtype, 1)
-    return overhead
+def cpu_kernel():
+    """The compiled subset-MLP loop, or None where it cannot be built.
 
-
-def blocks_to_ranges(blocks: list[bool], block_size: int) -> list[tuple[int, int]]:
-    """Contiguous channel ranges [start, end) covered by the True blocks."""
-    ranges: list[tuple[int, int]] = []
-    start = None
-    for i, on in enumerate(list(blocks) + [False]):
-        if on and start is None:
-            start = i
-        elif not on and start is not None:
-            ranges.append((start * block_size, i * block_size))
-            start = None
-    return ranges
-
-
-def merge_ranges(ranges: list[tuple[int, int]], max_gap: int) -> list[tuple[int, int]]:
-    """Join neighbouring ranges separated by fewer than ``max_gap`` channels.
-
-    Computing a gap's channels (then zeroing them) is cheaper than launching
-    another weight slice when the gap is small; the result stays exact.
+    Built with the machine's C++ compiler on first use (about a minute) and cached
+    by torch in ``TORCH_EXTENSIONS_DIR``; the name carries the CPU capability, so a
+    cache shared between machines never hands out a binary built for another ISA.
+    ``TOMOE_CPU_KERNEL=torch`` skips it, ``=cpp`` makes a failed build an error.
     """
-    merged: list[tuple[int, int]] = []
-    for a, b in ranges:
-        if merged and a - merged[-1][1] < max_gap:
-            merged[-1] = (merged[-1][0], b)
-        else:
-            merged.append((a, b))
-    return merged
+    if "module" in _kernel_state:
+        return _kernel_state["module"]
+    import hashlib
+    import logging
+    import os
+
+    mode = os.environ.get(KERNEL_ENV, "auto")
+    module = None
+    if mode != "torch":
+        digest = hashlib.sha1(_KERNEL_SOURCE.encode()).hexdigest()[:10]
+        arch = torch.backends.cpu.get_cpu_capability().lower()
+        log = logging.getLogger(__name__)
+        log.info("ToMoE: building the CPU expert kernel (once per machine, cached)")
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            module = load_inline(
+                name=f"tomoe_subset_mlp_{arch}_{digest}",
+                cpp_sources=_KERNEL_SOURCE,
+                functions=["subset_mlp"],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+            )
+        except Exception as error:  # no compiler, no headers, ...
+            if mode == "cpp":
+                raise RuntimeError(
+                    f"{KERNEL_ENV}=cpp but the ToMoE CPU kernel could not be built: "
+                    f"{error}"
+                ) from error
+            log.warning(
+                "ToMoE: the CPU expert kernel could not be built (%s); using the "
+                "pure-torch path, which computes the same more slowly",
+                str(error).splitlines()[0] if str(error) else type(error).__name__,
+            )
+    _kernel_state["module"] = module
+    return module
 
 
-def can_slice_weights(moe: "ToMoESparseMLP", x: torch.Tensor) -> bool:
-    """Whether ``moe`` may run the sliced CPU path on ``x``.
+def _gate_up_rows(channels: torch.Tensor) -> torch.Tensor:
+    """Rows of the interleaved gate_up_proj holding ``channels``: [2W]."""
+    return torch.stack([2 * channels, 2 * channels + 1], dim=1).flatten()
 
-    Slicing reads the raw weights; quantized or wrapped Linears, calibration (where
-    every expert must see every token), tracing and compilation use the masked path.
+
+def _gathered_mlp(x, gate_up, gate_up_bias, down_t, channels, act_fn, scale):
+    """Pure-torch subset MLP: copy the channels' rows, then GEMMs. x: [T, D];
+    ``scale`` is None or (scaled [U] flags, token_scale [T]), as in the kernel."""
+    rows = _gate_up_rows(channels)
+    bias = None if gate_up_bias is None else gate_up_bias.index_select(0, rows)
+    gate_up_out = F.linear(x, gate_up.index_select(0, rows), bias)  # [T, 2W]
+    gate_up_out = gate_up_out.view(x.shape[0], -1, 2)
+    h = act_fn(gate_up_out[..., 0]) * gate_up_out[..., 1]  # [T, W]
+    if scale is not None:
+        scaled, token_scale = scale
+        shared = scaled.index_select(0, channels).bool()[None, :]  # [1, W]
+        h = (h * torch.where(shared, token_scale[:, None], 1.0)).to(h.dtype)
+    return h @ down_t.index_select(0, channels)  # [T, D]
+
+
+def _subset_mlp(x, gate_up, gate_up_bias, down_t, channels, act_fn, silu, scale):
+    """One expert's channels on its tokens x [T, D] -> [T, D], no down bias."""
+    kernel = cpu_kernel() if silu else None
+    if kernel is not None and x.shape[0] <= KERNEL_MAX_TOKENS:
+        scaled, token_scale = scale if scale is not None else (None, None)
+        visit = channels.to(torch.int32)
+        return kernel.subset_mlp(
+            x, gate_up, gate_up_bias, down_t, visit, None, None, scaled, token_scale
+        )
+    return _gathered_mlp(x, gate_up, gate_up_bias, down_t, channels, act_fn, scale)
+
+
+def moe_mlp(
+    moe: "ToMoESparseMLP",
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    token_scale: torch.Tensor | None = None,
+):
+    """The fast path: x [T, D] whose tokens picked ``expert_ids`` [T] -> [T, D];
+    ``token_scale`` [T] (float32) scales the gated shared channels (shared layout)."""
+    tables = moe.expert_tables()
+    y = _moe_mlp_op(
+        x.contiguous(),
+        moe.gate_up_proj.weight,
+        moe.gate_up_proj.bias,
+        moe.down_weight_t(),  # [U, D], a view of the column-major weight
+        tables["channels"],
+        tables["offsets"],
+        tables["member"],
+        expert_ids,
+        None if token_scale is None else tables["scaled"],
+        token_scale,
+        moe.hidden_act,
+    )
+    if moe.down_proj.bias is not None:
+        y = y + moe.down_proj.bias
+    return y
+
+
+@torch.library.custom_op("tomoe::moe_mlp", mutates_args=())
+def _moe_mlp_op(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_t: torch.Tensor,
+    channels: torch.Tensor,
+    offsets: torch.Tensor,
+    member: torch.Tensor,
+    expert_ids: torch.Tensor,
+    scaled: torch.Tensor | None,
+    token_scale: torch.Tensor | None,
+    hidden_act: str,
+) -> torch.Tensor:
+    """Opaque to torch.compile (routing stays data dependent inside the op).
+
+    channels [sum of widths] lists each expert's union channels, expert e at
+    channels[offsets[e]:offsets[e+1]]; member [U] holds bit e for channel c when
+    expert e uses it; scaled [U] (uint8) marks the channels multiplied by the
+    token's token_scale [T] (the shared layout's gated shared channels).
+    """
+    act_fn = ACT2FN[hidden_act]
+    silu = hidden_act == "silu"
+    num_tokens = x.shape[0]
+    scale = None if scaled is None else (scaled, token_scale)
+    if num_tokens == 1:
+        e = int(expert_ids[0])
+        start, end = offsets[e : e + 2].tolist()
+        return _subset_mlp(
+            x, gate_up, gate_up_bias, down_t, channels[start:end], act_fn, silu, scale
+        )
+    kernel = cpu_kernel() if silu else None
+    if kernel is not None and num_tokens <= KERNEL_MAX_TOKENS and member.numel():
+        # one pass over the union: each row is read once for all tokens using it
+        visit = torch.arange(member.numel(), dtype=torch.int32)
+        bits = torch.ones_like(expert_ids).bitwise_left_shift(expert_ids)
+        return kernel.subset_mlp(
+            x, gate_up, gate_up_bias, down_t, visit, member, bits, scaled, token_scale
+        )
+    out = torch.empty_like(x)
+    order = torch.argsort(expert_ids, stable=True)
+    counts = torch.bincount(expert_ids, minlength=offsets.numel() - 1).tolist()
+    bounds = offsets.tolist()
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            rows = order[start : start + n]
+            ye = _subset_mlp(
+                x.index_select(0, rows),
+                gate_up,
+                gate_up_bias,
+                down_t,
+                channels[bounds[e] : bounds[e + 1]],
+                act_fn,
+                silu,
+                None if scale is None else (scaled, token_scale.index_select(0, rows)),
+            )
+            out.index_copy_(0, rows, ye)
+        start += n
+    return out
+
+
+@_moe_mlp_op.register_fake
+def _(x, gate_up, gate_up_bias, down_t, channels, offsets, member, expert_ids, *rest):
+    return torch.empty_like(x)
+
+
+def can_use_fast_path(moe: "ToMoESparseMLP", x: torch.Tensor) -> bool:
+    """Whether ``moe`` may run the CPU fast path on ``x``.
+
+    The fast path reads the raw weights: quantized or wrapped Linears, calibration
+    (where every expert must see every token), tracing, autograd and devices other
+    than the CPU use the masked reference.
     """
     if x.device.type != "cpu" or get_calibrate_all_experts_flag():
         return False
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch.jit.is_tracing() or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16):
         return False
     linears = (moe.gate_up_proj, moe.down_proj)
     return all(
-        type(m) is nn.Linear and not hasattr(m, "quantization_scheme") for m in linears
+        type(m) is nn.Linear
+        and not hasattr(m, "quantization_scheme")
+        and m.weight.dtype == x.dtype
+        for m in linears
     )
-
-
-def _token_cost(tokens: int) -> float:
-    return max(1.0, tokens / MEMORY_BOUND_TOKENS)
-
-
-def expert_plan(
-    moe: "ToMoESparseMLP", expert: int, max_gap: int, dtype: torch.dtype
-) -> list:
-    """[(start, end, gap mask or None)] of one expert at one merge threshold."""
-    cache = moe.plan_cache()
-    key = (expert, max_gap, dtype)
-    plan = cache.get(key)
-    if plan is None:
-        mask = moe.channel_mask()[expert]
-        plan = []
-        for a, b in merge_ranges(moe.expert_ranges()[expert], max_gap):
-            keep = mask[a:b]
-            plan.append((a, b, None if keep.all() else keep.to(dtype)))
-        cache[key] = plan
-    return plan
-
-
-def _token_masks(moe: "ToMoESparseMLP", dtype: torch.dtype) -> torch.Tensor:
-    """channel_mask() in ``dtype``, cached with the plans. [E, U]"""
-    cache = moe.plan_cache()
-    key = ("mask", dtype)
-    if key not in cache:
-        cache[key] = moe.channel_mask().to(dtype)
-    return cache[key]
-
-
-def _gated(moe: "ToMoESparseMLP", x: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """act(gate) * up of union channels [a, b) for tokens x [T, D] -> [T, b-a]."""
-    weight, bias = moe.gate_up_proj.weight, moe.gate_up_proj.bias
-    if x.shape[0] > SPLIT_GATE_UP_TOKENS:
-        gate = F.linear(
-            x,
-            weight[2 * a : 2 * b : 2],
-            None if bias is None else bias[2 * a : 2 * b : 2],
-        )
-        up = F.linear(
-            x,
-            weight[2 * a + 1 : 2 * b : 2],
-            None if bias is None else bias[2 * a + 1 : 2 * b : 2],
-        )
-        return moe.act_fn(gate) * up
-    gate_up = F.linear(
-        x, weight[2 * a : 2 * b], None if bias is None else bias[2 * a : 2 * b]
-    ).view(-1, b - a, 2)  # [T, w, 2]
-    return moe.act_fn(gate_up[..., 0]) * gate_up[..., 1]
-
-
-def _expert_forward(moe: "ToMoESparseMLP", xe: torch.Tensor, plan: list):
-    """One expert on its tokens xe [Te, D], from views of its weight ranges."""
-    w_down = moe.down_proj.weight  # [D, U]
-    out = None
-    for a, b, keep in plan:
-        h = _gated(moe, xe, a, b)  # [Te, w]
-        if keep is not None:
-            h = h * keep  # channels of the gap that are not this expert's
-        if out is None:
-            out = h @ w_down[:, a:b].t()  # [Te, D]
-        else:
-            out.addmm_(h, w_down[:, a:b].t())
-    if out is None:  # an expert without channels outputs only the bias
-        out = xe.new_zeros(xe.shape[0], moe.hidden_size)
-    return out
-
-
-def sliced_forward(moe: "ToMoESparseMLP", x: torch.Tensor, expert_ids: torch.Tensor):
-    """CPU fast path: each expert multiplies only views of its weight ranges.
-
-    A batch whose experts would together read more than the whole union runs the
-    union once and zeroes each token's foreign channels instead.
-    """
-    num_tokens = x.shape[0]
-    overhead = slice_overhead(x.dtype, num_tokens)
-    if num_tokens == 1:
-        plan = expert_plan(moe, int(expert_ids[0]), overhead, x.dtype)
-        out = _expert_forward(moe, x, plan)
-    else:
-        counts = torch.bincount(expert_ids, minlength=moe.num_experts).tolist()
-        plans, sliced_cost = {}, 0.0
-        for e, n in enumerate(counts):
-            if n:
-                plans[e] = expert_plan(moe, e, overhead, x.dtype)
-                scale = _token_cost(n)
-                sliced_cost += sum(overhead + (b - a) * scale for a, b, _ in plans[e])
-        union_cost = 2 * overhead + moe.union_size * _token_cost(num_tokens)
-        if union_cost < sliced_cost:
-            masks = _token_masks(moe, x.dtype)[expert_ids]  # [T, U]
-            h = _gated(moe, x, 0, moe.union_size) * masks
-            out = h @ moe.down_proj.weight.t()
-        else:
-            order = torch.argsort(expert_ids, stable=True)
-            out = x.new_empty(num_tokens, moe.hidden_size)  # [T, D]
-            start = 0
-            for e, n in enumerate(counts):
-                if n:
-                    index = order[start : start + n]
-                    ye = _expert_forward(moe, x.index_select(0, index), plans[e])
-                    out.index_copy_(0, index, ye)
-                start += n
-    if moe.down_proj.bias is not None:
-        out = out + moe.down_proj.bias
-    return out
 
 
 # -- the module ----------------------------------------------------------------------
@@ -244,14 +408,18 @@ class ToMoESparseMLP(nn.Module):
     Top-1 mixture of experts whose experts are channel subsets of one gated MLP.
 
     ``gate_up_proj`` holds gate and up rows interleaved (row 2c is gate channel c,
-    row 2c+1 its up channel), so a contiguous channel range is one contiguous
-    weight slice (the same precedent as gpt-oss's interleaved ``gate_up_proj``).
-    The router output is used only for its argmax: the chosen expert's output is
-    not scaled, exactly as ToMoE trains it.
+    row 2c+1 its up channel), the precedent being gpt-oss's interleaved
+    ``gate_up_proj``. The router output is used only for its argmax: the chosen
+    expert's output is not scaled, exactly as ToMoE trains it. The router runs in
+    float32 whatever the model's dtype (``_keep_in_fp32_modules``), as in training.
+
+    With ``shared=True`` (the "shared" layout) the channel blocks marked in
+    ``shared_blocks`` belong to every expert and are scaled per token by
+    ``sigmoid(shared_gate(x))``, as Qwen2-MoE gates its shared expert.
 
     ``forward`` is the masked reference (the whole union, then each token's expert
-    mask); on CPU it dispatches to ``sliced_forward``, which multiplies only views
-    of the routed experts' channel ranges and computes the same result.
+    mask) plus one dispatch line to ``moe_mlp``, the CPU fast path that reads only
+    the routed experts' channels and computes the same.
     """
 
     def __init__(
@@ -262,6 +430,7 @@ class ToMoESparseMLP(nn.Module):
         block_size: int,
         hidden_act: str = "silu",
         bias: bool = False,
+        shared: bool = False,
     ):
         super().__init__()
         if union_size % block_size:
@@ -273,30 +442,20 @@ class ToMoESparseMLP(nn.Module):
         self.union_size = union_size
         self.num_experts = num_experts
         self.block_size = block_size
+        self.hidden_act = hidden_act
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         self.gate_up_proj = nn.Linear(hidden_size, 2 * union_size, bias=bias)
         self.down_proj = nn.Linear(union_size, hidden_size, bias=bias)
         self.act_fn = ACT2FN[hidden_act]
         blocks = torch.ones(num_experts, union_size // block_size, dtype=torch.bool)
         self.register_buffer("expert_blocks", blocks)
-        self._plans_key: tuple | None = None
-        self._ranges: list[list[tuple[int, int]]] = []
-        self._plans: dict = {}
-
-    def plan_cache(self) -> dict:
-        """Per-layout cache of the fast path, emptied when expert_blocks changes."""
-        key = (self.expert_blocks.data_ptr(), self.expert_blocks._version)
-        if key != self._plans_key:
-            rows = self.expert_blocks.detach().cpu().tolist()
-            self._ranges = [blocks_to_ranges(r, self.block_size) for r in rows]
-            self._plans = {}
-            self._plans_key = key
-        return self._plans
-
-    def expert_ranges(self) -> list[list[tuple[int, int]]]:
-        """Per expert, its exact channel ranges in union coordinates (cached)."""
-        self.plan_cache()
-        return self._ranges
+        self.shared_gate = None
+        if shared:
+            self.shared_gate = nn.Linear(hidden_size, 1, bias=False)
+            flags = torch.zeros(union_size // block_size, dtype=torch.bool)
+            self.register_buffer("shared_blocks", flags)
+        self._tables_key: tuple | None = None
+        self._tables: dict = {}
 
     def expert_widths(self) -> torch.Tensor:
         """Channels per expert, shape [E]."""
@@ -306,15 +465,72 @@ class ToMoESparseMLP(nn.Module):
         """Per expert, which union channels it uses, shape [E, U]."""
         return self.expert_blocks.repeat_interleave(self.block_size, dim=1)
 
+    def expert_tables(self) -> dict:
+        """Index tables of the fast path, rebuilt when ``expert_blocks`` changes:
+        ``channels`` (each expert's channels, concatenated), ``offsets`` [E+1],
+        ``member`` [U] (bit e set when expert e uses the channel; empty if E > 63)
+        and ``scaled`` [U] (uint8: the gated shared channels).
+        """
+        key = (self.expert_blocks.data_ptr(), self.expert_blocks._version)
+        if self.shared_gate is not None:
+            key += (self.shared_blocks.data_ptr(), self.shared_blocks._version)
+        if key != self._tables_key:
+            mask = self.channel_mask().detach().cpu()  # [E, U]
+            widths = mask.sum(dim=1)
+            offsets = torch.zeros(self.num_experts + 1, dtype=torch.long)
+            offsets[1:] = widths.cumsum(0)
+            channels = mask.nonzero()[:, 1].contiguous()  # row-major: by expert
+            member = torch.zeros(0, dtype=torch.long)
+            if self.num_experts <= 63:
+                bits = 2 ** torch.arange(self.num_experts, dtype=torch.long)  # [E]
+                member = (mask.long() * bits[:, None]).sum(dim=0)  # [U]
+            scaled = torch.zeros(self.union_size, dtype=torch.uint8)
+            if self.shared_gate is not None:
+                scaled = self.shared_channels().to(torch.uint8).cpu()
+            self._tables = {
+                "channels": channels,
+                "offsets": offsets,
+                "member": member,
+                "scaled": scaled,
+            }
+            self._tables_key = key
+        return self._tables
+
+    def shared_channels(self) -> torch.Tensor:
+        """Which union channels are the gated shared ones, bool [U]."""
+        return self.shared_blocks.repeat_interleave(self.block_size)
+
+    def token_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-token scale of the shared channels, float32 [T] (None: no gate)."""
+        if self.shared_gate is None:
+            return None
+        gate = self.shared_gate(x.to(self.shared_gate.weight.dtype))  # [T, 1]
+        return torch.sigmoid(gate.float()).squeeze(-1)
+
+    def down_weight_t(self) -> torch.Tensor:
+        """``down_proj.weight`` transposed, [U, D] contiguous: each channel's output
+        column is one contiguous row. The parameter is stored column-major once
+        (same shape and memory; nn.Linear and saving are unaffected)."""
+        weight = self.down_proj.weight
+        if not weight.t().is_contiguous():
+            with torch.no_grad(), torch.inference_mode(False):
+                weight.data = weight.data.t().contiguous().t()
+        return self.down_proj.weight.t()
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)  # [T, D]
-        expert_ids = self.router(x).argmax(dim=-1)  # [T]
-        if can_slice_weights(self, x):
-            return sliced_forward(self, x, expert_ids).view(shape)
+        expert_ids = self.router(x.to(self.router.weight.dtype)).argmax(dim=-1)  # [T]
+        token_scale = self.token_scale(x)  # [T] or None
+        if can_use_fast_path(self, x):
+            return moe_mlp(self, x, expert_ids, token_scale).view(shape)
         gate_up = self.gate_up_proj(x).view(-1, self.union_size, 2)  # [T, U, 2]
         h = self.act_fn(gate_up[..., 0]) * gate_up[..., 1]  # [T, U]
-        mask = self.channel_mask()[expert_ids].to(h.dtype)  # [T, U]
+        mask = self.channel_mask()[expert_ids].float()  # [T, U]
+        if token_scale is not None:
+            shared = self.shared_channels()[None, :]
+            mask = mask * torch.where(shared, token_scale[:, None], 1.0)
+        mask = mask.to(h.dtype)
         if get_calibrate_all_experts_flag():
             # let observers of down_proj see every channel on every token, as
             # llm-compressor's MoE calibration does; the output uses only routed ones
@@ -368,6 +584,7 @@ class ToMoELlamaConfig(LlamaConfig):
 
 class ToMoELlamaForCausalLM(LlamaForCausalLM):
     config_class = ToMoELlamaConfig
+    _keep_in_fp32_modules = ["router", "shared_gate"]
 
     def __init__(self, config):
         super().__init__(config)
@@ -388,6 +605,7 @@ class ToMoEMistralConfig(MistralConfig):
 
 class ToMoEMistralForCausalLM(MistralForCausalLM):
     config_class = ToMoEMistralConfig
+    _keep_in_fp32_modules = ["router", "shared_gate"]
 
     def __init__(self, config):
         super().__init__(config)
@@ -408,6 +626,7 @@ class ToMoEQwen2Config(Qwen2Config):
 
 class ToMoEQwen2ForCausalLM(Qwen2ForCausalLM):
     config_class = ToMoEQwen2Config
+    _keep_in_fp32_modules = ["router", "shared_gate"]
 
     def __init__(self, config):
         super().__init__(config)
@@ -428,6 +647,7 @@ class ToMoEQwen3Config(Qwen3Config):
 
 class ToMoEQwen3ForCausalLM(Qwen3ForCausalLM):
     config_class = ToMoEQwen3Config
+    _keep_in_fp32_modules = ["router", "shared_gate"]
 
     def __init__(self, config):
         super().__init__(config)

@@ -7,13 +7,18 @@ N channel blocks of one MLP, K embedding width.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
     "ExpertHypernetwork",
+    "LayerMasks",
     "LayerRouter",
+    "SharedLayerRouter",
+    "assign_blocks",
     "build_routers",
     "gumbel_softmax_st",
     "gumbel_sigmoid_st",
@@ -57,6 +62,60 @@ def gumbel_sigmoid_st(logits: torch.Tensor, tau: float, noise: float) -> torch.T
     soft = torch.sigmoid(logits / tau)
     hard = (logits > 0).to(soft.dtype)
     return hard + soft - soft.detach()
+
+
+class LayerMasks(NamedTuple):
+    """One converted MLP's channel-block masks, hard in the forward pass.
+
+    experts: [E, N], the blocks each expert runs (shared ones included);
+    shared: [N], the gated shared blocks of the "shared" layout, or None.
+    """
+
+    experts: torch.Tensor
+    shared: torch.Tensor | None = None
+
+    @property
+    def routed(self) -> torch.Tensor:
+        """[E, N]: each expert's own blocks (all of them in the paper layout)."""
+        if self.shared is None:
+            return self.experts
+        if self.experts.dtype == torch.bool:
+            return self.experts & ~self.shared[None, :]
+        return self.experts - self.shared[None, :]
+
+
+def assign_blocks(scores: torch.Tensor, capacity: list[int]) -> torch.Tensor:
+    """
+    Hard capacitated assignment of N blocks to K categories by deferred acceptance:
+    each block goes to at most one category and category k holds at most
+    ``capacity[k]`` blocks. Free blocks propose to their best category not yet
+    tried; a category keeps the highest-scoring blocks it holds and releases the
+    rest, so no category prefers a block it does not hold to one it does.
+    scores: [K, N] -> bool [K, N].
+    """
+    num_categories, num_blocks = scores.shape
+    scores = scores.detach()
+    held = torch.full((num_blocks,), -1, dtype=torch.long, device=scores.device)
+    tried = torch.zeros_like(scores, dtype=torch.bool)
+    closed = torch.tensor([c <= 0 for c in capacity], device=scores.device)
+    for _ in range(num_categories):
+        free = held < 0
+        options = scores.masked_fill(tried | closed[:, None], float("-inf"))
+        best_score, best = options.masked_fill(~free[None, :], float("-inf")).max(0)
+        proposing = (free & torch.isfinite(best_score)).nonzero().squeeze(1)
+        if proposing.numel() == 0:
+            break
+        tried[best[proposing], proposing] = True
+        held[proposing] = best[proposing]
+        for k in range(num_categories):
+            members = (held == k).nonzero().squeeze(1)
+            if members.numel() > capacity[k]:
+                order = scores[k, members].argsort(descending=True, stable=True)
+                held[members[order[capacity[k] :]]] = -1
+    hard = torch.zeros_like(scores, dtype=torch.bool)
+    placed = (held >= 0).nonzero().squeeze(1)
+    hard[held[placed], placed] = True
+    return hard
 
 
 class ExpertHypernetwork(nn.Module):
@@ -127,6 +186,65 @@ class LayerRouter(nn.Module):
         best = F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(mask.dtype)
         return torch.maximum(mask, best)
 
+    def layer_masks(
+        self, embeddings: torch.Tensor, tau: float, noise: float
+    ) -> LayerMasks:
+        """The layer's masks (straight-through); see :class:`LayerMasks`."""
+        return LayerMasks(self.block_masks(embeddings, tau, noise))
+
+    def token_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-token scale of shared blocks [T] (None: the paper layout has none)."""
+        return None
+
+
+class SharedLayerRouter(LayerRouter):
+    """
+    The "shared" layout of one MLP: one gated shared set of ``shared_blocks``
+    blocks that every token runs, plus E disjoint routed groups of
+    ``group_blocks`` blocks each (a token runs its router's group); the other
+    blocks are dropped. Which block goes where is trained: the decoder scores every
+    block for each group and for the shared set (E + 1 embeddings), the hard
+    assignment (:func:`assign_blocks`) fills the capacities by score, and gradients
+    pass straight through a softmax over the categories. The shared set is scaled
+    by ``2 * sigmoid(shared_gate(x))`` (1 at the start), which a Qwen2-MoE export
+    reproduces exactly with its gated shared expert (down_proj doubled).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        num_blocks: int,
+        shared_blocks: int,
+        group_blocks: int,
+        embedding_dim: int = 128,
+        offset: float = 3.0,
+    ):
+        super().__init__(hidden_size, num_experts, num_blocks, embedding_dim, offset)
+        # rows 0..E-1: the routed groups, row E: the shared set
+        self.block_bias = nn.Parameter(torch.zeros(num_experts + 1, num_blocks))
+        self.shared_gate = nn.Linear(hidden_size, 1, bias=False)
+        nn.init.zeros_(self.shared_gate.weight)
+        self.capacity = [group_blocks] * num_experts + [shared_blocks]
+
+    def layer_masks(
+        self, embeddings: torch.Tensor, tau: float, noise: float
+    ) -> LayerMasks:
+        """embeddings: [E+1, K] -> experts [E, N] (group + shared), shared [N]."""
+        scores = self.block_logits(embeddings)  # [E+1, N]
+        if noise:
+            scores = scores + noise * _gumbel(scores)
+        hard = assign_blocks(scores, self.capacity).to(scores.dtype)
+        soft = F.softmax(scores / tau, dim=0)
+        member = hard + soft - soft.detach()  # [E+1, N]
+        shared = member[-1]
+        return LayerMasks(member[:-1] + shared[None, :], shared)
+
+    def token_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """2 * sigmoid(shared_gate(x)) in float32, [T]."""
+        with torch.autocast(x.device.type, enabled=False):
+            return 2 * torch.sigmoid(self.shared_gate(x.float())).squeeze(-1)
+
 
 def build_routers(
     hidden_size: int,
@@ -134,16 +252,30 @@ def build_routers(
     num_blocks: list[int],
     offset: float,
     device: torch.device | str = "cpu",
+    shared: tuple[int, int] | None = None,
 ) -> tuple[ExpertHypernetwork, list[LayerRouter]]:
     """The hypernetwork and one router per converted MLP (``num_blocks[l]`` blocks).
 
-    Created in this order from the current RNG state, so a seed fixes them.
+    ``shared`` = (shared blocks, blocks per routed group) builds the "shared"
+    layout's routers (and one more hypernetwork embedding per layer). Created in
+    this order from the current RNG state, so a seed fixes them.
     """
-    hypernet = ExpertHypernetwork(len(num_blocks), num_experts).to(device)
-    routers = [
-        LayerRouter(
-            hidden_size, num_experts, blocks, hypernet.embedding_dim, offset
-        ).to(device)
-        for blocks in num_blocks
-    ]
+    slots = num_experts if shared is None else num_experts + 1
+    hypernet = ExpertHypernetwork(len(num_blocks), slots).to(device)
+    routers = []
+    for blocks in num_blocks:
+        if shared is None:
+            router = LayerRouter(
+                hidden_size, num_experts, blocks, hypernet.embedding_dim, offset
+            )
+        else:
+            router = SharedLayerRouter(
+                hidden_size,
+                num_experts,
+                blocks,
+                *shared,
+                hypernet.embedding_dim,
+                offset,
+            )
+        routers.append(router.to(device))
     return hypernet, routers

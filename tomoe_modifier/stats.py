@@ -30,6 +30,27 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _is_stock_moe(mlp: nn.Module) -> bool:
+    return hasattr(mlp, "shared_expert") and hasattr(mlp, "experts")
+
+
+def _expert_widths(moe: nn.Module) -> torch.Tensor:
+    """Channels each expert runs (the shared expert included), [E]."""
+    if isinstance(moe, ToMoESparseMLP):
+        return moe.expert_widths().cpu()
+    shared = moe.shared_expert.gate_proj.out_features
+    routed = moe.gate.weight.shape[0]
+    width = _routed_width(moe.experts)
+    return torch.full((routed,), shared + width, dtype=torch.long)
+
+
+def _routed_width(experts: nn.Module) -> int:
+    """Channels of one routed expert of a stock (fused or linearised) MoE."""
+    if hasattr(experts, "gate_up_proj"):
+        return experts.gate_up_proj.shape[1] // 2
+    return experts[0].gate_proj.out_features
+
+
 @torch.no_grad()
 def active_parameter_stats(model: nn.Module, batches) -> dict:
     """
@@ -43,24 +64,33 @@ def active_parameter_stats(model: nn.Module, batches) -> dict:
     _, layout = get_layout(model, converted=True)
     budget = count_budget(model, layout)
     layers = model.get_submodule(layout.layers)
-    moes = [
-        getattr(layer, layout.mlp)
-        for layer in layers
-        if isinstance(getattr(layer, layout.mlp), ToMoESparseMLP)
-    ]
+    mlps = [getattr(layer, layout.mlp) for layer in layers]
+    moes = [m for m in mlps if isinstance(m, ToMoESparseMLP) or _is_stock_moe(m)]
     if not moes:
-        raise ValueError("model has no ToMoESparseMLP layers; convert it first")
+        raise ValueError("model has no ToMoE MoE layers; convert it first")
 
     choices: list[list[torch.Tensor]] = [[] for _ in moes]
 
-    def capture(index):
+    def capture_tomoe(index):
         def hook(module, args):
             x = args[0].reshape(-1, module.hidden_size)
-            choices[index].append(module.router(x).argmax(-1).cpu())
+            logits = module.router(x.to(module.router.weight.dtype))
+            choices[index].append(logits.argmax(-1).cpu())
 
         return hook
 
-    handles = [m.register_forward_pre_hook(capture(i)) for i, m in enumerate(moes)]
+    def capture_stock(index):
+        def hook(module, args, output):
+            choices[index].append(output[2][:, 0].cpu())  # top-1 expert indices
+
+        return hook
+
+    handles = []
+    for i, moe in enumerate(moes):
+        if isinstance(moe, ToMoESparseMLP):
+            handles.append(moe.register_forward_pre_hook(capture_tomoe(i)))
+        else:
+            handles.append(moe.gate.register_forward_hook(capture_stock(i)))
     valid_masks = []
     device = next(model.parameters()).device
     try:
@@ -75,7 +105,7 @@ def active_parameter_stats(model: nn.Module, batches) -> dict:
             h.remove()
     valid = torch.cat(valid_masks)
     expert_ids = [torch.cat(chosen)[valid] for chosen in choices]
-    widths = [moe.expert_widths().cpu() for moe in moes]
+    widths = [_expert_widths(moe) for moe in moes]
     per_token = budget.token_params(expert_ids, widths)
     usage = [
         (

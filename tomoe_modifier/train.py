@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tomoe_modifier.budget import Budget
-from tomoe_modifier.router import ExpertHypernetwork, LayerRouter
+from tomoe_modifier.router import ExpertHypernetwork, LayerMasks, LayerRouter
 
 __all__ = [
     "GatedMLPs",
@@ -56,6 +56,7 @@ class TrainSettings:
     lr_schedule: str  # "constant" or "cosine" (to 0 at the last step)
     log_every: int
     seed: int
+    expert_layout: str  # "paper" or "shared"
 
     @classmethod
     def from_fields(cls, source, **derived) -> "TrainSettings":
@@ -83,7 +84,8 @@ class GatedMLPs:
     """
     Hooks that turn dense MLPs into their gated ToMoE form during training:
     route each token from the MLP input, then zero the channels its expert drops
-    right before ``down_proj``. ``enabled=False`` gives the dense teacher.
+    (and scale the shared ones, in the shared layout) right before ``down_proj``.
+    ``enabled=False`` gives the dense teacher.
     """
 
     def __init__(
@@ -99,9 +101,10 @@ class GatedMLPs:
         self.temperature = temperature
         self.enabled = True
         self.noise = 1.0  # Gumbel noise scale (see noise_scale)
-        self.block_masks: list[torch.Tensor] = []  # per layer [E, N]
+        self.layer_masks: list[LayerMasks] = []  # per layer
         self.choices: list[torch.Tensor | None] = [None] * len(mlps)  # [T, E]
         self.probs: list[torch.Tensor | None] = [None] * len(mlps)  # [T, E]
+        self.token_scales: list[torch.Tensor | None] = [None] * len(mlps)  # [T]
         self._handles: list = []
 
     def __enter__(self) -> "GatedMLPs":
@@ -119,11 +122,11 @@ class GatedMLPs:
         def hook(module, args):
             if not self.enabled:
                 return None
-            x = args[0]
-            choice, probs = self.routers[index].route(
-                x.reshape(-1, x.shape[-1]), self.temperature, self.noise
-            )
+            x = args[0].reshape(-1, args[0].shape[-1])
+            router = self.routers[index]
+            choice, probs = router.route(x, self.temperature, self.noise)
             self.choices[index], self.probs[index] = choice, probs
+            self.token_scales[index] = router.token_scale(x)
             return None
 
         return hook
@@ -133,7 +136,11 @@ class GatedMLPs:
             if not self.enabled:
                 return None
             h = args[0]  # [..., I]
-            token_blocks = self.choices[index] @ self.block_masks[index]  # [T, N]
+            masks = self.layer_masks[index]
+            token_blocks = self.choices[index] @ masks.routed  # [T, N]
+            if masks.shared is not None:
+                scale = self.token_scales[index][:, None]  # [T, 1]
+                token_blocks = token_blocks + scale * masks.shared[None, :]
             mask = token_blocks.repeat_interleave(self.block_size, dim=-1)  # [T, I]
             return (h * mask.view(h.shape).to(h.dtype),)
 
@@ -243,8 +250,8 @@ def train_routers(
             noise = noise_scale(step, settings.steps, settings.noise_anneal)
             gates.noise = noise
             embeddings = hypernet()  # [L, E, K]
-            gates.block_masks = [
-                r.block_masks(embeddings[i], settings.temperature, noise=noise)
+            gates.layer_masks = [
+                r.layer_masks(embeddings[i], settings.temperature, noise=noise)
                 for i, r in enumerate(gates.routers)
             ]
             student = model(
@@ -254,7 +261,9 @@ def train_routers(
             kd = distillation_loss(
                 student.reshape(-1, vocab), teacher.reshape(-1, vocab), valid
             )
-            widths = [m.sum(dim=1) * gates.block_size for m in gates.block_masks]
+            widths = [
+                m.experts.sum(dim=1) * gates.block_size for m in gates.layer_masks
+            ]
             usage = [
                 (c * valid[:, None]).sum(0) / valid.sum().clamp_min(1)
                 for c in gates.choices
@@ -262,16 +271,25 @@ def train_routers(
             ratio = budget.ratio(budget.expert_params(widths, usage))
             p = settings.target_active_ratio
             budget_term = torch.abs(torch.log((ratio + 1e-3) / (p + 1e-3)))
-            union_term = torch.stack([union_loss(m) for m in gates.block_masks]).mean()
+            union_term = torch.stack(
+                [union_loss(m.experts) for m in gates.layer_masks]
+            ).mean()
             balance_term = torch.stack(
                 [balance_loss(c, q, valid) for c, q in zip(gates.choices, gates.probs)]
             ).mean()
-            loss = (
-                settings.distill_weight * kd
-                + settings.budget_weight * budget_term
-                + settings.union_weight * union_term
-                + settings.balance_weight * balance_term
-            )
+            if settings.expert_layout == "paper":
+                loss = (
+                    settings.distill_weight * kd
+                    + settings.budget_weight * budget_term
+                    + settings.union_weight * union_term
+                    + settings.balance_weight * balance_term
+                )
+            else:  # fixed widths meet the budget and fill the capacities by
+                # construction, so those two terms are only reported
+                loss = (
+                    settings.distill_weight * kd
+                    + settings.balance_weight * balance_term
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

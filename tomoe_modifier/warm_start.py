@@ -25,6 +25,7 @@ __all__ = [
     "initial_block_logits",
     "kmeans",
     "router_weight",
+    "shared_start_logits",
 ]
 
 # An expert starts keeping its chosen blocks with a keep-logit of +KEEP_MARGIN and
@@ -90,6 +91,30 @@ def initial_block_logits(
     logits = torch.full_like(scores, off)
     logits.scatter_(1, top, on)
     return logits
+
+
+def shared_start_logits(
+    scores: torch.Tensor,
+    overall: torch.Tensor,
+    capacity: list[int],
+    on: float,
+    off: float,
+) -> torch.Tensor:
+    """
+    The shared layout's start: the shared set takes the ``capacity[-1]`` blocks
+    with the most output energy over all tokens, then each routed group the blocks
+    that matter most to its cluster (``scores`` [E, N], disjoint, ``capacity[e]``
+    each). ``on``/``off`` logits [E+1, N] (row E: the shared set).
+    """
+    from tomoe_modifier.router import assign_blocks
+
+    num_blocks = scores.shape[1]
+    shared = torch.zeros(num_blocks, dtype=torch.bool)
+    shared[overall.topk(capacity[-1]).indices] = True
+    rest = scores.masked_fill(shared[None, :], float("-inf"))
+    groups = assign_blocks(rest, capacity[:-1])  # [E, N]
+    member = torch.cat([groups, shared[None, :]])  # [E+1, N]
+    return torch.where(member, torch.tensor(on), torch.tensor(off))
 
 
 @torch.no_grad()
@@ -170,14 +195,16 @@ def activation_start(
         model, mlps, down_projs, loader, block_size, num_tokens, device
     )
     num_experts = routers[0].gate.out_features
+    on, off = KEEP_MARGIN, -(mask_offset + KEEP_MARGIN)
     for router, (x, energy) in zip(routers, stats):
         centroids = kmeans(x, num_experts, seed=seed)
         weight = router_weight(centroids, x)
         scores = expert_block_scores(energy, x, centroids)
-        keep = round(channel_fraction * scores.shape[1])
-        bias = initial_block_logits(
-            scores, keep, KEEP_MARGIN, -(mask_offset + KEEP_MARGIN)
-        )
+        if hasattr(router, "capacity"):  # the shared layout
+            bias = shared_start_logits(scores, energy.mean(0), router.capacity, on, off)
+        else:
+            keep = round(channel_fraction * scores.shape[1])
+            bias = initial_block_logits(scores, keep, on, off)
         with torch.no_grad():
             router.gate.weight.copy_(weight.to(router.gate.weight))
             router.block_bias.copy_(bias.to(router.block_bias))

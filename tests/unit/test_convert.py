@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tests.testing_utils import make_model
-from tomoe_modifier.convert import convert_model, final_block_masks, order_union_blocks
+from tomoe_modifier.convert import convert_model, final_layer_masks, order_union_blocks
 from tomoe_modifier.mappings import get_layout
-from tomoe_modifier.router import ExpertHypernetwork, LayerRouter
+from tomoe_modifier.router import ExpertHypernetwork, LayerMasks, LayerRouter
 from tomoe_modifier.train import GatedMLPs
 
 BLOCK = 16
@@ -15,7 +15,7 @@ BLOCK = 16
 def _converted(family="llama", block=BLOCK, seed=0):
     model = make_model(family)
     hn, routers = _trained_like_gates(model, block=block, seed=seed)
-    masks = final_block_masks(hn, routers, 0.4)
+    masks = [m.experts for m in final_layer_masks(hn, routers, 0.4)]
     arch, layout = get_layout(model)
     convert_model(model, arch, layout, [0, 1], routers, masks, block, 4)
     return model
@@ -45,9 +45,10 @@ def test_converted_logits_equal_gated_logits(family, block):
     mlps = [layer.mlp for layer in model.model.layers]
     gates = GatedMLPs(mlps, [m.down_proj for m in mlps], routers, block, 0.4)
     gates.noise = False
-    masks = final_block_masks(hn, routers, 0.4)
+    layer_masks = final_layer_masks(hn, routers, 0.4)
+    masks = [m.experts for m in layer_masks]
     assert any(not m.all() for m in masks), "test needs experts that drop blocks"
-    gates.block_masks = [m.float() for m in masks]
+    gates.layer_masks = [LayerMasks(m.float()) for m in masks]
     x = torch.randint(4, 256, (3, 19))
     with torch.no_grad(), gates:
         gated = model(x).logits
