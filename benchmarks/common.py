@@ -103,9 +103,11 @@ def describe_model(path: str | Path) -> dict:
     meta_path = path / BENCH_META
     meta = load_json(meta_path) if meta_path.is_file() else {}
     model_type = config.get("model_type", "")
-    method = meta.get("method") or (
-        "tomoe" if model_type.startswith("tomoe_") else "dense"
-    )
+    converted = model_type.startswith("tomoe_") or model_type == "qwen2_moe"
+    method = meta.get("method") or ("tomoe" if converted else "dense")
+    layout = None
+    if method == "tomoe":
+        layout = "shared" if model_type == "qwen2_moe" else "paper"
     if method == "dense":
         target = achieved = 1.0
     else:
@@ -115,6 +117,7 @@ def describe_model(path: str | Path) -> dict:
         "name": path.name,
         "path": str(path.resolve()),
         "method": method,
+        "expert_layout": layout,
         "model_type": model_type,
         "target_active_ratio": target,
         "active_ratio": achieved,

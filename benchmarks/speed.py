@@ -72,6 +72,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="batch of the 2nd decode")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     p.add_argument("--prompt-source", choices=("text", "random"), default="text")
+    p.add_argument(
+        "--mode",
+        choices=("eager", "compiled"),
+        default="eager",
+        help="compiled: decode with a static cache and torch.compile (prefill stays "
+        "eager, as transformers does)",
+    )
+    p.add_argument(
+        "--cpu-kernels",
+        action="store_true",
+        help="also time each stock Qwen2-MoE (shared layout) model through "
+        "tomoe_modifier.use_cpu_kernels, as a second entry",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the RSS probes")
     p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one model's RSS
     args = p.parse_args(argv)
@@ -160,9 +173,17 @@ def run_probe(path: str, args, dtype_name: str) -> dict:
 # -- timing ------------------------------------------------------------------------
 
 
-def _generation_config(cls, new_tokens: int, model_config):
+def _generation_config(cls, new_tokens: int, model_config, compiled: bool = False):
     pad = model_config.pad_token_id
     eos = model_config.eos_token_id
+    extra = {}
+    if compiled:
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig(fullgraph=True, mode="default", dynamic=False)
+        # transformers compiles generate only on GPU-like devices unless asked
+        compile_config._compile_all_devices = True
+        extra = {"cache_implementation": "static", "compile_config": compile_config}
     return cls(
         do_sample=False,
         num_beams=1,
@@ -171,6 +192,7 @@ def _generation_config(cls, new_tokens: int, model_config):
         use_cache=True,
         pad_token_id=pad if pad is not None else eos,
         eos_token_id=eos,
+        **extra,
     )
 
 
@@ -206,13 +228,13 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def measure(model, prompts: dict, new_tokens: int) -> dict:
+def measure(model, prompts: dict, new_tokens: int, compiled: bool = False) -> dict:
     """One round of every metric on one model (inference mode, greedy)."""
     import torch
     from transformers import GenerationConfig
 
-    full = _generation_config(GenerationConfig, new_tokens, model.config)
-    first = _generation_config(GenerationConfig, 1, model.config)
+    full = _generation_config(GenerationConfig, new_tokens, model.config, compiled)
+    first = _generation_config(GenerationConfig, 1, model.config, compiled)
     out: dict[str, float] = {}
     with torch.inference_mode():
         for tag, ids in (("b1", prompts["b1"]), ("bn", prompts["bn"])):
@@ -247,10 +269,40 @@ def measure(model, prompts: dict, new_tokens: int) -> dict:
     return out
 
 
-def warm_up(model, prompts: dict) -> None:
-    """Untimed short runs: first-call allocations and kernel selection."""
+def warm_up(model, prompts: dict, compiled: bool = False) -> None:
+    """Untimed runs: first-call allocations, kernel selection and, compiled, the
+    compilation of every shape the timed rounds use."""
+    if compiled:
+        measure(model, prompts, 4, compiled=True)
+        return
     short = {k: v[:, : min(v.shape[1], 16)] for k, v in prompts.items()}
     measure(model, short, 4)
+
+
+def load_entries(paths: list[str], dtype, cpu_kernels: bool) -> list[dict]:
+    """One entry per model to time: each folder, plus (``cpu_kernels``) each stock
+    Qwen2-MoE folder again through ``use_cpu_kernels``."""
+    from transformers import AutoModelForCausalLM
+
+    from tomoe_modifier import use_cpu_kernels
+
+    entries = []
+    for path in paths:
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        load_s = time.perf_counter() - t0
+        entries.append({"path": path, "variant": "", "model": model, "load_s": load_s})
+        if cpu_kernels and model.config.model_type == "qwen2_moe":
+            fast = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+            entries.append(
+                {
+                    "path": path,
+                    "variant": "cpu_kernels",
+                    "model": use_cpu_kernels(fast),
+                    "load_s": load_s,
+                }
+            )
+    return entries
 
 
 def main(argv=None) -> None:
@@ -260,7 +312,7 @@ def main(argv=None) -> None:
         return
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     import tomoe_modifier  # noqa: F401  (registers the ToMoE architectures)
 
@@ -286,44 +338,60 @@ def main(argv=None) -> None:
             memory[path] = run_probe(path, args, dtype_name)
             print(f"memory {Path(path).name}: {memory[path]}", flush=True)
 
-    models, load_s = {}, {}
-    for path in paths:
-        t0 = time.perf_counter()
-        models[path] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        load_s[path] = time.perf_counter() - t0
+    entries = load_entries(paths, dtype, args.cpu_kernels)
+    compiled = args.mode == "compiled"
+    if compiled:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = 64  # a graph per model and shape
     tokenizer = AutoTokenizer.from_pretrained(paths[0])
-    prompts = build_prompts(args, tokenizer, models[paths[0]].config.vocab_size)
-    for path in paths:
-        warm_up(models[path], prompts)
+    prompts = build_prompts(args, tokenizer, entries[0]["model"].config.vocab_size)
+    for entry in entries:
+        t0 = time.perf_counter()
+        warm_up(entry["model"], prompts, compiled)
+        entry["warm_up_s"] = round(time.perf_counter() - t0, 1)
+        entry["rounds"] = []
 
-    rounds: dict[str, list[dict]] = {p: [] for p in paths}
+    metrics = (
+        METRICS if not compiled else tuple(m for m in METRICS if m != "prefill_tps")
+    )
     for r in range(args.rounds):
-        order = paths[r % len(paths) :] + paths[: r % len(paths)]
-        for path in order:
-            result = measure(models[path], prompts, args.new_tokens)
-            rounds[path].append(result)
+        order = entries[r % len(entries) :] + entries[: r % len(entries)]
+        for entry in order:
+            result = measure(entry["model"], prompts, args.new_tokens, compiled)
+            entry["rounds"].append(result)
             summary = ", ".join(f"{k}={v:.2f}" for k, v in result.items())
-            print(f"round {r + 1}/{args.rounds} {Path(path).name}: {summary}")
+            label = Path(entry["path"]).name + (
+                f"+{entry['variant']}" * bool(entry["variant"])
+            )
+            print(f"round {r + 1}/{args.rounds} {label}: {summary}")
 
-    dense = paths[0]
-    medians = {
-        p: {m: statistics.median(x[m] for x in rounds[p]) for m in METRICS}
-        for p in paths
-    }
-    entries = []
-    for path in paths:
-        ratio = {
-            m: medians[path][m] / medians[dense][m] for m in METRICS if m != "ttft_b1_s"
+    for entry in entries:
+        entry["median"] = {
+            m: statistics.median(x[m] for x in entry["rounds"]) for m in metrics
         }
-        entries.append(
+    dense = entries[0]
+    results = []
+    for entry in entries:
+        ratio = {
+            m: entry["median"][m] / dense["median"][m]
+            for m in metrics
+            if m != "ttft_b1_s"
+        }
+        described = describe_model(entry["path"])
+        if entry["variant"]:
+            described["name"] += f"+{entry['variant']}"
+        results.append(
             {
-                **describe_model(path),
-                "role": "dense" if path == dense else "candidate",
-                "load_s_in_process": round(load_s[path], 3),
-                "memory": memory.get(path),
-                "median": medians[path],
+                **described,
+                "variant": entry["variant"] or "stock",
+                "role": "dense" if entry is dense else "candidate",
+                "load_s_in_process": round(entry["load_s"], 3),
+                "warm_up_s": entry["warm_up_s"],
+                "memory": None if entry["variant"] else memory.get(entry["path"]),
+                "median": entry["median"],
                 "speedup_vs_dense": ratio,
-                "rounds": rounds[path],
+                "rounds": entry["rounds"],
             }
         )
     settings = {
@@ -337,7 +405,14 @@ def main(argv=None) -> None:
         "threads": args.threads,
         "prompt_source": args.prompt_source,
         "seed": args.seed,
-        "decoding": "greedy, KV cache, min_new_tokens = max_new_tokens",
+        "mode": args.mode,
+        "decoding": "greedy, KV cache, min_new_tokens = max_new_tokens"
+        + (
+            "; static cache, torch.compile(fullgraph, mode default) of the decode "
+            "step, prefill eager"
+            if compiled
+            else ""
+        ),
         "order": "models alternate within each round, start rotated per round",
         "memory_probe": "fresh process, torch+transformers only, "
         "trust_remote_code=True, load + one batch-1 decode",
@@ -346,15 +421,16 @@ def main(argv=None) -> None:
         **run_header("speed", started),
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "settings": settings,
-        "models": entries,
+        "models": results,
     }
     write_json(args.out, result)
     print(f"\nwrote {args.out}")
-    for e in entries:
+    for e in results:
         s = e["speedup_vs_dense"]
+        prefill = f"prefill x{s['prefill_tps']:.2f}  " if "prefill_tps" in s else ""
         print(
             f"  {e['name']:<40} decode b1 {e['median']['decode_b1_tps']:7.1f} tok/s "
-            f"(x{s['decode_b1_tps']:.2f})  prefill x{s['prefill_tps']:.2f}  "
+            f"(x{s['decode_b1_tps']:.2f})  {prefill}"
             f"decode b{args.batch} x{s['decode_bn_tps']:.2f}"
         )
 

@@ -14,6 +14,7 @@ from llmcompressor.modifiers.factory import ModifierFactory
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tomoe_modifier.base import ToMoEModifier
+from tomoe_modifier.fast import use_cpu_kernels
 from tomoe_modifier.modeling_tomoe import TOMOE_ARCHITECTURES, ToMoESparseMLP
 from tomoe_modifier.recipe_yaml import register_enum_representer
 
@@ -22,7 +23,7 @@ try:
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0+local"
 
-__all__ = ["ToMoEModifier", "ToMoESparseMLP", "__version__"]
+__all__ = ["ToMoEModifier", "ToMoESparseMLP", "use_cpu_kernels", "__version__"]
 
 ModifierFactory.register("ToMoEModifier", ToMoEModifier)
 register_enum_representer()  # saved recipe.yaml files stay loadable (see module)

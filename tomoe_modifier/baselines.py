@@ -1,4 +1,4 @@
-"""Static structured-pruning baseline (Wanda-sp style) for the same active budget.
+"""Static structured-pruning baselines (Wanda-sp and FLAP) for the same active budget.
 
 ToMoE claims that routing each token to a sub-MLP beats simply deleting the same
 number of MLP channels for every token. This is that "simply deleting" model: each
@@ -11,6 +11,15 @@ k is the same in every layer, so ``config.intermediate_size = k`` describes the 
 and is chosen by ToMoE's own budget (``tomoe_modifier.budget``): attention stays dense
 and counts, and the active attention+MLP parameters over the dense attention+MLP
 parameters is the target, with k rounded to a multiple of ``multiple``.
+
+FLAP (An et al., AAAI 2024, arXiv 2312.11983) is the stronger static method: it
+scores channels by the *fluctuation* of their input, ``Var_t(h_c) *
+||W_down[:, c]||^2``, standardises the scores per layer and keeps the globally best
+ones (so widths differ between layers), and adds the mean contribution of the
+removed channels back as a bias, ``W_down[:, removed] @ mean_t(h_removed)``. Here it
+prunes MLP channels only (attention dense, as ToMoE at the same budget), and since
+no stock dense architecture has per-layer widths and a down_proj bias, the result
+is saved as the ToMoE architecture with one expert per layer.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ from tomoe_modifier.mappings import MLPLayout, get_layout
 
 __all__ = [
     "channel_scores",
+    "down_input_moments",
+    "flap_prune",
     "iter_batches",
     "prune_mlp_channels",
     "prune_with_scores",
@@ -50,18 +61,18 @@ def iter_batches(dataset, batch_size: int = 4) -> Iterable[dict]:
 
 
 @torch.no_grad()
-def channel_scores(model: nn.Module, batches: Iterable[dict]) -> dict:
+def down_input_moments(model: nn.Module, batches: Iterable[dict]) -> dict:
     """
-    Wanda-sp channel scores of every MLP: ``||x_c||_2 * ||W_down[:, c]||_2``.
+    Per MLP, the sum and sum of squares over calibration tokens of every down_proj
+    input channel (float64, [intermediate]); only the decoder stack runs (no LM
+    head) and padded positions are left out.
 
-    Only the decoder stack runs (no LM head); padded positions are left out.
-
-    :return: {"scores": [per layer, a float64 tensor of shape [intermediate]],
-        "tokens": calibration tokens counted, "samples": sequences seen}
+    :return: {"sum": [...], "sumsq": [...], "tokens": n, "samples": sequences}
     """
     _, layout = get_layout(model)
     mlps = _mlps(model, layout)
     downs = [getattr(m, layout.down_proj) for m in mlps]
+    sums = [torch.zeros(d.in_features, dtype=torch.float64) for d in downs]
     sumsq = [torch.zeros(d.in_features, dtype=torch.float64) for d in downs]
     valid: list[torch.Tensor | None] = [None]
 
@@ -70,6 +81,7 @@ def channel_scores(model: nn.Module, batches: Iterable[dict]) -> dict:
             x = args[0].reshape(-1, module.in_features).double()
             if valid[0] is not None:
                 x = x[valid[0]]
+            sums[index] += x.sum(dim=0).cpu()
             sumsq[index] += x.square().sum(dim=0).cpu()
 
         return accumulate
@@ -95,14 +107,111 @@ def channel_scores(model: nn.Module, batches: Iterable[dict]) -> dict:
         model.train(was_training)
     if tokens == 0:
         raise ValueError(
-            "channel_scores saw no calibration tokens; pass batches with input_ids "
+            "the baseline saw no calibration tokens; pass batches with input_ids "
             "(and attention_mask with at least one 1)"
         )
+    return {"sum": sums, "sumsq": sumsq, "tokens": tokens, "samples": samples}
+
+
+def channel_scores(model: nn.Module, batches: Iterable[dict]) -> dict:
+    """
+    Wanda-sp channel scores of every MLP: ``||x_c||_2 * ||W_down[:, c]||_2``.
+
+    :return: {"scores": [per layer, a float64 tensor of shape [intermediate]],
+        "tokens": calibration tokens counted, "samples": sequences seen}
+    """
+    moments = down_input_moments(model, batches)
+    _, layout = get_layout(model)
+    downs = [getattr(m, layout.down_proj) for m in _mlps(model, layout)]
     scores = [
         s.sqrt() * d.weight.detach().double().norm(dim=0).cpu()
-        for s, d in zip(sumsq, downs)
+        for s, d in zip(moments["sumsq"], downs)
     ]
-    return {"scores": scores, "tokens": tokens, "samples": samples}
+    return {
+        "scores": scores,
+        "tokens": moments["tokens"],
+        "samples": moments["samples"],
+    }
+
+
+@torch.no_grad()
+def flap_prune(
+    model: nn.Module, calibration_batches: Iterable[dict], target_active_ratio: float
+) -> tuple[nn.Module, dict]:
+    """
+    FLAP on every MLP, in place: fluctuation scores, per-layer standardisation and
+    one global ranking (per-layer widths), bias compensation; the model becomes the
+    ToMoE architecture with one expert per layer. Save it with ``save_pretrained``.
+
+    :return: the pruned model and a report (per-layer widths, achieved ratio)
+    """
+    from tomoe_modifier.convert import convert_model
+
+    arch, layout = get_layout(model)
+    mlps = _mlps(model, layout)
+    downs = [getattr(m, layout.down_proj) for m in mlps]
+    moments = down_input_moments(model, calibration_batches)
+    n = moments["tokens"]
+    hidden = model.config.hidden_size
+    means, standardised = [], []
+    for total, squares, down in zip(moments["sum"], moments["sumsq"], downs):
+        mean = total / n
+        variance = (squares / n - mean.square()).clamp_min(0)
+        score = variance * down.weight.detach().double().square().sum(dim=0).cpu()
+        means.append(mean)
+        standardised.append((score - score.mean()) / score.std().clamp_min(1e-30))
+    indices = list(range(len(mlps)))
+    # one router row and one output bias per layer, executed by every token
+    budget = count_budget(model, layout, indices, router_params=2 * hidden)
+    widths = [m.mlp_width for m in budget.converted]
+    keep_total = round(budget.channel_fraction(target_active_ratio) * sum(widths))
+    if keep_total < len(mlps):
+        raise ValueError(
+            f"target_active_ratio {target_active_ratio} leaves FLAP fewer channels "
+            "than layers; raise it"
+        )
+    ranked = torch.cat(standardised).argsort(descending=True)[:keep_total]
+    flat = torch.zeros(sum(widths), dtype=torch.bool)
+    flat[ranked] = True
+    keeps = list(flat.split(widths))
+    for keep, score in zip(keeps, standardised):  # every layer keeps >= 1 channel
+        keep[score.argmax()] = True
+    holders, biases = [], []
+    for keep, mean, down in zip(keeps, means, downs):
+        holder = nn.Module()
+        holder.gate = nn.Linear(hidden, 1, bias=False)
+        nn.init.zeros_(holder.gate.weight)
+        holders.append(holder)
+        removed = (~keep).to(down.weight.device)
+        weight = down.weight.detach().double()
+        bias = weight[:, removed] @ mean.to(weight.device)[removed]  # [D]
+        biases.append(bias[None, :].to(down.weight.dtype))
+    convert_model(
+        model,
+        arch,
+        layout,
+        indices,
+        holders,
+        [k[None, :] for k in keeps],
+        1,
+        1,
+        1,
+        biases,
+    )
+    converted = count_budget(model, layout)
+    kept = [int(k.sum()) for k in keeps]
+    report = {
+        "method": "flap (Var(h_c) * ||W_down[:, c]||^2, standardised per layer, "
+        "global ranking, bias compensation), MLP channels only",
+        "target_active_ratio": target_active_ratio,
+        "active_ratio": converted.ratio(
+            sum(c * k for c, k in zip(converted.params_per_channel, kept))
+        ),
+        "widths": kept,
+        "tokens": n,
+        "samples": moments["samples"],
+    }
+    return model, report
 
 
 def width_for_ratio(

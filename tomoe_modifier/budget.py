@@ -88,6 +88,11 @@ def count_layer(
         bias = mlp.gate_up_proj.bias is not None
         per_channel = 3 * hidden + 2 * int(bias)
         fixed = 0 if mlp.down_proj.bias is None else mlp.down_proj.bias.numel()
+        if mlp.expert_bias is not None:  # one expert's output vector per token
+            fixed += hidden
+        router = _numel(mlp.router)
+        if mlp.shared_gate is not None:
+            router += _numel(mlp.shared_gate)
         return LayerCount(
             attention=_numel(attention),
             qk_params_per_dim=qk_per_dim,
@@ -97,7 +102,7 @@ def count_layer(
             params_per_channel=per_channel,
             mlp_fixed=fixed,
             converted=True,
-            router=_numel(mlp.router),
+            router=router,
         )
     gate = getattr(mlp, layout.gate_proj)
     up = getattr(mlp, layout.up_proj)

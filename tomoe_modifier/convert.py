@@ -71,6 +71,7 @@ def build_sparse_mlp(
     block_size: int,
     hidden_act: str,
     width_multiple: int = 1,
+    expert_bias: torch.Tensor | None = None,
 ) -> ToMoESparseMLP:
     """
     Slice a dense gated MLP to the union of its experts. masks: bool [E, N].
@@ -93,7 +94,13 @@ def build_sparse_mlp(
     num_experts, hidden = masks.shape[0], gate.in_features
     union = channels.numel()
     moe = ToMoESparseMLP(
-        hidden, union, num_experts, block_size, hidden_act, bias=gate.bias is not None
+        hidden,
+        union,
+        num_experts,
+        block_size,
+        hidden_act,
+        bias=gate.bias is not None,
+        expert_bias=expert_bias is not None,
     )
     moe.to(device=gate.weight.device, dtype=gate.weight.dtype)
     channels = channels.to(gate.weight.device)
@@ -106,6 +113,8 @@ def build_sparse_mlp(
         moe.down_proj.bias.copy_(down.bias)
     moe.router.weight.copy_(router.weight.to(moe.router.weight.dtype))
     moe.expert_blocks.copy_(masks[:, blocks.to(masks.device)])
+    if expert_bias is not None:
+        moe.expert_bias.copy_(expert_bias)
     moe.requires_grad_(False)
     return moe
 
@@ -120,15 +129,18 @@ def convert_model(
     block_size: int,
     num_experts: int,
     width_multiple: int = 1,
+    expert_biases: list[torch.Tensor] | None = None,
 ) -> list[int]:
     """
     Replace the MLPs of ``layer_indices`` in place and turn ``model`` into the
     registered ToMoE architecture. Returns the union width of each converted layer.
+    ``expert_biases[l]`` [E, D] adds each expert's output correction.
     """
     config = model.config
     layers = model.get_submodule(layout.layers)
     union_sizes: list[int | None] = [None] * len(layers)
-    for index, router, mask in zip(layer_indices, routers, masks):
+    biases = expert_biases or [None] * len(layer_indices)
+    for index, router, mask, bias in zip(layer_indices, routers, masks, biases):
         layer = layers[index]
         dense = getattr(layer, layout.mlp)
         moe = build_sparse_mlp(
@@ -139,6 +151,7 @@ def convert_model(
             block_size,
             config.hidden_act,
             width_multiple,
+            bias,
         )
         setattr(layer, layout.mlp, moe)
         union_sizes[index] = moe.union_size
@@ -156,6 +169,7 @@ def convert_model(
     config.num_experts = num_experts
     config.num_experts_per_tok = 1  # top-1 routing; MoE tools read this key
     config.moe_block_size = block_size
+    config.moe_expert_bias = expert_biases is not None
     config.moe_union_sizes = union_sizes
     config.architectures = [model_cls.__name__]
     model.__class__ = model_cls

@@ -415,7 +415,10 @@ class ToMoESparseMLP(nn.Module):
 
     With ``shared=True`` (the "shared" layout) the channel blocks marked in
     ``shared_blocks`` belong to every expert and are scaled per token by
-    ``sigmoid(shared_gate(x))``, as Qwen2-MoE gates its shared expert.
+    ``sigmoid(shared_gate(x))``, as Qwen2-MoE gates its shared expert. With
+    ``expert_bias=True`` each expert adds its own output vector (the mean
+    contribution of the channels it drops, computed in closed form after training;
+    with one expert this is FLAP's bias compensation).
 
     ``forward`` is the masked reference (the whole union, then each token's expert
     mask) plus one dispatch line to ``moe_mlp``, the CPU fast path that reads only
@@ -431,6 +434,7 @@ class ToMoESparseMLP(nn.Module):
         hidden_act: str = "silu",
         bias: bool = False,
         shared: bool = False,
+        expert_bias: bool = False,
     ):
         super().__init__()
         if union_size % block_size:
@@ -449,6 +453,9 @@ class ToMoESparseMLP(nn.Module):
         self.act_fn = ACT2FN[hidden_act]
         blocks = torch.ones(num_experts, union_size // block_size, dtype=torch.bool)
         self.register_buffer("expert_blocks", blocks)
+        self.expert_bias = None
+        if expert_bias:
+            self.expert_bias = nn.Parameter(torch.zeros(num_experts, hidden_size))
         self.shared_gate = None
         if shared:
             self.shared_gate = nn.Linear(hidden_size, 1, bias=False)
@@ -523,7 +530,8 @@ class ToMoESparseMLP(nn.Module):
         expert_ids = self.router(x.to(self.router.weight.dtype)).argmax(dim=-1)  # [T]
         token_scale = self.token_scale(x)  # [T] or None
         if can_use_fast_path(self, x):
-            return moe_mlp(self, x, expert_ids, token_scale).view(shape)
+            y = moe_mlp(self, x, expert_ids, token_scale)
+            return self._add_expert_bias(y, expert_ids).view(shape)
         gate_up = self.gate_up_proj(x).view(-1, self.union_size, 2)  # [T, U, 2]
         h = self.act_fn(gate_up[..., 0]) * gate_up[..., 1]  # [T, U]
         mask = self.channel_mask()[expert_ids].float()  # [T, U]
@@ -536,8 +544,15 @@ class ToMoESparseMLP(nn.Module):
             # llm-compressor's MoE calibration does; the output uses only routed ones
             self.down_proj(h)
             weight, bias = self.down_proj.weight, self.down_proj.bias
-            return F.linear(h * mask, weight.to(h.dtype), bias).view(shape)
-        return self.down_proj(h * mask).view(shape)
+            y = F.linear(h * mask, weight.to(h.dtype), bias)
+        else:
+            y = self.down_proj(h * mask)
+        return self._add_expert_bias(y, expert_ids).view(shape)
+
+    def _add_expert_bias(self, y: torch.Tensor, expert_ids: torch.Tensor):
+        if self.expert_bias is None:
+            return y
+        return y + self.expert_bias[expert_ids].to(y.dtype)  # [T, D]
 
 
 def _replace_mlps(model: nn.Module, config) -> None:
@@ -561,6 +576,7 @@ def _replace_mlps(model: nn.Module, config) -> None:
             config.moe_block_size,
             config.hidden_act,
             bias=bias,
+            expert_bias=bool(getattr(config, "moe_expert_bias", False)),
         )
 
 
@@ -580,6 +596,7 @@ class ToMoELlamaConfig(LlamaConfig):
     num_experts_per_tok: int = 1
     moe_block_size: int = 64
     moe_union_sizes: list | None = None
+    moe_expert_bias: bool = False
 
 
 class ToMoELlamaForCausalLM(LlamaForCausalLM):
@@ -601,6 +618,7 @@ class ToMoEMistralConfig(MistralConfig):
     num_experts_per_tok: int = 1
     moe_block_size: int = 64
     moe_union_sizes: list | None = None
+    moe_expert_bias: bool = False
 
 
 class ToMoEMistralForCausalLM(MistralForCausalLM):
@@ -622,6 +640,7 @@ class ToMoEQwen2Config(Qwen2Config):
     num_experts_per_tok: int = 1
     moe_block_size: int = 64
     moe_union_sizes: list | None = None
+    moe_expert_bias: bool = False
 
 
 class ToMoEQwen2ForCausalLM(Qwen2ForCausalLM):
@@ -643,6 +662,7 @@ class ToMoEQwen3Config(Qwen3Config):
     num_experts_per_tok: int = 1
     moe_block_size: int = 64
     moe_union_sizes: list | None = None
+    moe_expert_bias: bool = False
 
 
 class ToMoEQwen3ForCausalLM(Qwen3ForCausalLM):

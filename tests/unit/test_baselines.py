@@ -131,3 +131,37 @@ def test_rejects_converted_models():
     )
     with pytest.raises(ValueError, match="already a ToMoE"):
         width_for_ratio(ToMoELlamaForCausalLM(config), 0.5)
+
+
+@pytest.mark.unit
+def test_flap_keeps_fluctuating_channels_and_compensates_the_mean(tmp_path):
+    from tomoe_modifier.baselines import flap_prune
+    from tomoe_modifier.stats import active_parameter_stats
+
+    model = make_model("llama")
+    dense = make_model("llama")
+    with torch.no_grad():
+        for m in (model, dense):
+            for layer in m.model.layers:
+                layer.mlp.down_proj.weight[:, 3] *= 50.0  # one dominant channel
+    batches = _batches(16, 16)
+    model, report = flap_prune(model, batches, 0.6)
+    assert len(report["widths"]) == 2 and all(0 < w < 128 for w in report["widths"])
+    stats = active_parameter_stats(model, batches[:1])
+    assert stats["active_ratio_mean"] == pytest.approx(report["active_ratio"])
+    assert abs(report["active_ratio"] - 0.6) < 0.02
+    ids = torch.randint(4, 256, (2, 12))
+    with torch.no_grad():
+        pruned = model(ids).logits
+        reference = dense(ids).logits
+    model.save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, pruned)
+    # the bias matters: without it the error grows
+    for layer in model.model.layers:
+        layer.mlp.expert_bias.data.zero_()
+    with torch.no_grad():
+        unbiased = model(ids).logits
+    assert (unbiased - reference).norm() > (pruned - reference).norm()

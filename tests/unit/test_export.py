@@ -154,3 +154,21 @@ def test_shared_widths_fit_the_budget_and_the_dense_storage():
     assert abs(shared + routed - exact) <= 8
     with pytest.raises(ValueError, match="no routed group"):
         budget.shared_widths(0.99, 8, 16)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 19)])
+def test_cpu_kernels_compute_what_stock_qwen2_moe_computes(shape):
+    import copy
+
+    from tomoe_modifier import use_cpu_kernels
+    from tomoe_modifier.modeling_tomoe import ToMoESparseMLP
+
+    model, _, _, _ = _gated_and_exported("llama")
+    fast = use_cpu_kernels(copy.deepcopy(model))
+    assert all(isinstance(layer.mlp, ToMoESparseMLP) for layer in fast.model.layers)
+    x = torch.randint(4, 256, shape)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fast(x).logits, model(x).logits, atol=1e-5, rtol=1e-5
+        )
