@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -12,17 +13,18 @@ from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import State
 from llmcompressor.modifiers import Modifier
 from loguru import logger
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from tomoe_modifier.budget import Budget, count_budget
 from tomoe_modifier.convert import convert_model, final_layer_masks
+from tomoe_modifier.correction import expert_output_biases
 from tomoe_modifier.export import check_stock_export, export_qwen2_moe
 from tomoe_modifier.mappings import MLPLayout, get_layout
 from tomoe_modifier.precision import choose_compute_dtype
 from tomoe_modifier.router import build_routers
 from tomoe_modifier.train import GatedMLPs, TrainSettings, frozen, train_routers
-from tomoe_modifier.warm_start import activation_start
+from tomoe_modifier.warm_start import activation_start, layerwise_start
 
 __all__ = ["ToMoEModifier"]
 
@@ -58,7 +60,7 @@ class ToMoEModifier(Modifier):
             - _plan: validate the model, the widths, the calibration data and the
               budget (fail fast, before any training), count the budget
             - build_routers; freeze the model (train.frozen)
-            - warm_start.activation_start (unless init_strategy is "dense")
+            - warm_start.activation_start or layerwise_start (``warm_start``)
             - train_routers (self-distillation + budget + union + balance)
             - convert_model: slice MLPs into ToMoESparseMLP, swap config/class
         - on_finalize
@@ -99,12 +101,19 @@ class ToMoEModifier(Modifier):
     :param mask_offset: logit offset that makes training start from the dense model
     :param compute_dtype: "auto" picks bfloat16 where the device runs it fast;
         routers always stay in float32
-    :param init_strategy: "activation" starts the routers as nearest-centroid
+    :param warm_start: "activation" starts the routers as nearest-centroid
         routing over k-means clusters of the MLP inputs and each expert at the target
         width with the blocks that matter most on its cluster (one dense pass over
-        ``init_tokens`` calibration tokens); "dense" is the paper's start (all
+        ``warm_start_tokens`` calibration tokens); "layerwise" allocates the widths
+        over the whole model by the output energy each (layer, expert, channel)
+        carries and fits each layer's router and masks to reproduce its dense MLP on
+        the captured inputs (``layerwise.py``) before the end-to-end phase;
+        "dense" is the paper's start (all
         channels kept, random routers), which needs far more training tokens
-    :param init_tokens: calibration tokens used by the activation-aware start
+    :param warm_start_tokens: calibration tokens used by the warm start
+    :param expert_bias: after training, give each expert the mean contribution of
+        the channels it drops as an output bias (closed form on ``warm_start_tokens``
+        calibration tokens; FLAP-style; "paper" layout only)
     :param seed: seeds router initialisation and the Gumbel noise
     :param log_every: log one line of losses every this many steps
     :param report_path: optional JSON file for the loss history and expert layout
@@ -132,8 +141,9 @@ class ToMoEModifier(Modifier):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     mask_offset: float = 3.0
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    init_strategy: Literal["activation", "dense"] = "activation"
-    init_tokens: int = 4096
+    warm_start: Literal["activation", "layerwise", "dense"] = "activation"
+    warm_start_tokens: int = 4096
+    expert_bias: bool = False
     seed: int = 0
     log_every: int = 10
     report_path: str | None = None
@@ -163,7 +173,11 @@ class ToMoEModifier(Modifier):
         return value
 
     @field_validator(
-        "width_multiple", "mask_block_size", "epochs", "log_every", "init_tokens"
+        "width_multiple",
+        "mask_block_size",
+        "epochs",
+        "log_every",
+        "warm_start_tokens",
     )
     @classmethod
     def _check_positive(cls, value: int, info) -> int:
@@ -185,6 +199,23 @@ class ToMoEModifier(Modifier):
             raise ValueError(f"iters must be >= 1 or None, got {value}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, values):
+        renamed = {"init_strategy": "warm_start", "init_tokens": "warm_start_tokens"}
+        if isinstance(values, dict):
+            for old, new in renamed.items():
+                if old in values:
+                    warnings.warn(
+                        f"ToMoEModifier.{old} is deprecated. Old API: {old}: ...; "
+                        f"New API: {new}: ...",
+                        DeprecationWarning,
+                        stacklevel=2,
+                    )
+                    values = {**values, new: values[old]}
+                    values.pop(old)
+        return values
+
     @field_validator("lr", "temperature")
     @classmethod
     def _check_positive_float(cls, value: float, info) -> float:
@@ -205,6 +236,7 @@ class ToMoEModifier(Modifier):
             f"{plan.settings.steps} steps, compute {plan.settings.compute_dtype}"
         )
         routers, masks, history = self._train(model, plan)
+        biases = self._expert_biases(model, plan, routers, masks)
         if self.expert_layout == "shared":
             layout = export_qwen2_moe(
                 model, plan.layout, plan.indices, routers, masks, self.mask_block_size
@@ -221,6 +253,7 @@ class ToMoEModifier(Modifier):
                     self.mask_block_size,
                     self.num_experts,
                     self.width_multiple,
+                    biases,
                 )
             }
         block = self.mask_block_size
@@ -262,7 +295,23 @@ class ToMoEModifier(Modifier):
                 plan.mlps, plan.downs, routers, self.mask_block_size, self.temperature
             )
             with frozen(model):
-                if self.init_strategy == "activation":
+                warm = None
+                if self.warm_start == "layerwise":
+                    warm = layerwise_start(
+                        model,
+                        plan.mlps,
+                        plan.downs,
+                        routers,
+                        hypernet,
+                        plan.loader,
+                        budget=plan.budget,
+                        target_active_ratio=self.target_active_ratio,
+                        block_size=self.mask_block_size,
+                        num_tokens=self.warm_start_tokens,
+                        seed=self.seed,
+                        device=plan.device,
+                    )
+                elif self.warm_start == "activation":
                     activation_start(
                         model,
                         plan.mlps,
@@ -274,7 +323,7 @@ class ToMoEModifier(Modifier):
                             self.target_active_ratio
                         ),
                         mask_offset=self.mask_offset,
-                        num_tokens=self.init_tokens,
+                        num_tokens=self.warm_start_tokens,
                         seed=self.seed,
                         device=plan.device,
                     )
@@ -288,9 +337,28 @@ class ToMoEModifier(Modifier):
                         plan.settings,
                         plan.device,
                     )
+        if warm is not None:
+            history["warm_start"] = warm
         routers = [r.eval() for r in routers]
         masks = final_layer_masks(hypernet.eval(), routers, self.temperature)
         return routers, masks, history
+
+    def _expert_biases(self, model, plan: "_Plan", routers, masks):
+        """Each expert's closed-form output bias, or None (``expert_bias``)."""
+        if not self.expert_bias:
+            return None
+        with frozen(model):
+            return expert_output_biases(
+                model,
+                plan.mlps,
+                plan.downs,
+                routers,
+                masks,
+                plan.loader,
+                block_size=self.mask_block_size,
+                num_tokens=self.warm_start_tokens,
+                device=plan.device,
+            )
 
     @property
     def report(self) -> dict:
@@ -309,9 +377,15 @@ class ToMoEModifier(Modifier):
         shared = self.expert_layout == "shared"
         if shared:
             check_stock_export(model, layout)
-        budget = count_budget(  # the shared layout adds a gate of its shared set
-            model, layout, indices, router_params=hidden * (self.num_experts + shared)
-        )
+            if self.expert_bias:
+                raise ValueError(
+                    "expert_bias cannot be exported to Qwen2-MoE (its experts have "
+                    "no output bias); use expert_layout: paper or expert_bias: false"
+                )
+        # besides its experts' channels a token runs the router, the shared gate
+        # (shared layout) and one expert's output bias (expert_bias)
+        extra = self.num_experts + int(shared) + int(self.expert_bias)
+        budget = count_budget(model, layout, indices, router_params=hidden * extra)
         self._check_feasible(budget)
         shared_blocks = None
         if shared:

@@ -1,11 +1,14 @@
-"""Activation-aware start for the routers and expert masks.
+"""Warm starts for the routers and expert masks: activation-aware and layer-wise.
 
 With a CPU-sized budget (a few hundred thousand tokens instead of the paper's 41M),
 training from the dense model spends most steps discovering which channels matter.
 This module gives it a head start from one cheap pass over calibration data: the
 router starts as nearest-centroid routing over k-means clusters of the MLP inputs,
 and each expert starts keeping the channel blocks that contribute most to the MLP
-output on its cluster's tokens, already at the target width.
+output on its cluster's tokens, already at the target width. The layer-wise start
+(``layerwise_start``) goes further: it allocates the widths over the whole model by
+the output energy each (layer, expert, block) carries, then fits each layer's router
+and masks to reproduce its dense MLP on the captured inputs (``layerwise.py``).
 Dimension legend: T tokens, D hidden, N channel blocks, E experts.
 """
 
@@ -24,6 +27,7 @@ __all__ = [
     "expert_block_scores",
     "initial_block_logits",
     "kmeans",
+    "layerwise_start",
     "router_weight",
     "shared_start_logits",
 ]
@@ -213,3 +217,118 @@ def activation_start(
         f"experts start at {channel_fraction:.3f} of each MLP "
         f"({time.perf_counter() - t0:.1f}s)"
     )
+
+
+def _set_block_logits(router, embedding: torch.Tensor, logits: torch.Tensor) -> None:
+    """Make the router's block logits (decoder + offset + bias) equal ``logits``."""
+    with torch.no_grad():
+        base = router.block_logits(embedding) - router.block_bias
+        router.block_bias.copy_((logits - base).to(router.block_bias))
+
+
+def layerwise_start(
+    model,
+    mlps,
+    down_projs,
+    routers,
+    hypernet,
+    loader,
+    *,
+    budget,
+    target_active_ratio: float,
+    block_size: int,
+    num_tokens: int,
+    seed: int,
+    device,
+) -> dict:
+    """
+    Layer-wise warm start (in place; see ``layerwise.py``): per layer, cluster the
+    tokens by which channels carry their output energy, fit the router to predict
+    the clusters from the MLP input, allocate the widths over the whole model and
+    give each expert its best channels for the tokens the router sends it.
+    Returns the per-layer normalised MLP output errors.
+    """
+    from tomoe_modifier.layerwise import (
+        allocate_widths,
+        cluster_tokens,
+        dense_activations,
+        disjoint_expert_blocks,
+        expert_blocks,
+        fit_router,
+        normalised_error,
+    )
+
+    t0 = time.perf_counter()
+    stats = collect_mlp_statistics(
+        model, mlps, down_projs, loader, block_size, num_tokens, device
+    )
+    num_experts = routers[0].gate.out_features
+    num_blocks = stats[0][1].shape[1]
+    embeddings = hypernet().detach()  # [L, E(+1), K], held fixed while fitting
+    shared = hasattr(routers[0], "capacity")
+    provisional = max(
+        1, round(budget.channel_fraction(target_active_ratio) * num_blocks)
+    )
+    routed, residuals, shared_sets = [], [], []
+    for router, (x, energy) in zip(routers, stats):
+        centroids = kmeans(x, num_experts, seed=seed)
+        unit = torch.nn.functional.normalize(x.float(), dim=-1)
+        start = (unit @ centroids.T).argmax(-1)
+        if shared:  # the shared set: the blocks with most energy over all tokens
+            shared_set = torch.zeros(num_blocks, dtype=torch.bool)
+            shared_set[energy.mean(0).topk(router.capacity[-1]).indices] = True
+            energy = energy.masked_fill(shared_set[None, :], 0.0)
+            widths = router.capacity[:-1]
+        else:
+            shared_set, widths = None, [provisional] * num_experts
+        labels = cluster_tokens(energy, start, widths, disjoint=shared)
+        gate = fit_router(x, labels, router_weight(centroids, x))
+        with torch.no_grad():
+            router.gate.weight.copy_(gate.to(router.gate.weight))
+        routed.append((x.float() @ gate.t()).argmax(-1))
+        residuals.append(energy)
+        shared_sets.append(shared_set)
+    if shared:
+        widths = [torch.tensor(r.capacity[:-1]) for r in routers]
+    else:
+        per_block = [c * block_size for c in budget.params_per_channel]
+        spend = target_active_ratio * budget.dense_total - budget.fixed_params()
+        widths = allocate_widths(residuals, routed, num_experts, per_block, spend)
+    layers = []
+    for index, router in enumerate(routers):
+        x, assignment = stats[index][0], routed[index]
+        if shared:
+            groups = disjoint_expert_blocks(residuals[index], assignment, widths[index])
+            member = torch.cat([groups, shared_sets[index][None, :]])  # [E+1, N]
+            target_width = None
+        else:
+            member = expert_blocks(residuals[index], assignment, widths[index].tolist())
+            share = torch.bincount(assignment, minlength=num_experts).float() / len(x)
+            target_width = float(share @ widths[index].float()) * block_size
+        logits = torch.where(member, torch.tensor(KEEP_MARGIN), -KEEP_MARGIN)
+        _set_block_logits(router, embeddings[index], logits)
+        mlp = mlps[index]
+        h = dense_activations(x, mlp.gate_proj, mlp.up_proj, mlp.act_fn)
+        weight = down_projs[index].weight.detach().float()
+        error = _local_error(
+            router, embeddings[index], x, h, weight, block_size, normalised_error
+        )
+        layers.append({"target_width": target_width, "error": error})
+    errors = [round(layer["error"], 3) for layer in layers]
+    logger.info(
+        f"ToMoE layer-wise start: {len(stats[0][0])} tokens per layer, normalised "
+        f"MLP output error per layer {errors} ({time.perf_counter() - t0:.1f}s)"
+    )
+    return {"layers": layers, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+@torch.no_grad()
+def _local_error(router, embedding, x, h, weight, block_size, error_fn) -> float:
+    """Normalised MLP output error of a router and its noise-free masks."""
+    choice, _ = router.route(x.float(), 1.0, 0.0)
+    masks = router.layer_masks(embedding, 1.0, 0.0)
+    multiplier = choice @ masks.routed
+    if masks.shared is not None:
+        multiplier = multiplier + router.token_scale(x)[:, None] * masks.shared
+    multiplier = multiplier.repeat_interleave(block_size, dim=-1)
+    return float(error_fn((h * multiplier) @ weight.t(), h @ weight.t()))
