@@ -17,12 +17,18 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from tomoe_modifier.budget import Budget, count_budget
-from tomoe_modifier.convert import convert_model, final_layer_masks
+from tomoe_modifier.convert import (
+    convert_model,
+    final_layer_masks,
+    final_qk_dims,
+    prune_attention,
+)
 from tomoe_modifier.correction import expert_output_biases
 from tomoe_modifier.export import check_stock_export, export_qwen2_moe
 from tomoe_modifier.mappings import MLPLayout, get_layout
+from tomoe_modifier.modeling_tomoe import QK_PRUNED_ATTENTION
 from tomoe_modifier.precision import choose_compute_dtype
-from tomoe_modifier.router import build_routers
+from tomoe_modifier.router import QKPruner, build_routers
 from tomoe_modifier.train import GatedMLPs, TrainSettings, frozen, train_routers
 from tomoe_modifier.warm_start import activation_start, layerwise_start
 
@@ -111,6 +117,10 @@ class ToMoEModifier(Modifier):
         "dense" is the paper's start (all
         channels kept, random routers), which needs far more training tokens
     :param warm_start_tokens: calibration tokens used by the warm start
+    :param attention_pruning: also prune q/k head dims statically, shared by every
+        head of a layer and kept in RoPE pairs (the paper's attention pruning),
+        learned under the same target as the MLP widths and deleted from q_proj and
+        k_proj at conversion ("paper" layout; Llama, Mistral, Qwen2 attention)
     :param expert_bias: after training, give each expert the mean contribution of
         the channels it drops as an output bias (closed form on ``warm_start_tokens``
         calibration tokens; FLAP-style; "paper" layout only)
@@ -144,6 +154,7 @@ class ToMoEModifier(Modifier):
     warm_start: Literal["activation", "layerwise", "dense"] = "activation"
     warm_start_tokens: int = 4096
     expert_bias: bool = False
+    attention_pruning: bool = False
     seed: int = 0
     log_every: int = 10
     report_path: str | None = None
@@ -235,7 +246,7 @@ class ToMoEModifier(Modifier):
             f"(attention+router floor {plan.budget.ratio(0):.3f}), "
             f"{plan.settings.steps} steps, compute {plan.settings.compute_dtype}"
         )
-        routers, masks, history = self._train(model, plan)
+        routers, masks, qk_dims, history = self._train(model, plan)
         biases = self._expert_biases(model, plan, routers, masks)
         if self.expert_layout == "shared":
             layout = export_qwen2_moe(
@@ -256,6 +267,10 @@ class ToMoEModifier(Modifier):
                     biases,
                 )
             }
+        if qk_dims is not None:
+            kept = prune_attention(model, plan.layout, plan.indices, qk_dims)
+            model.config.moe_qk_dims = kept
+            layout["qk_dims"] = kept
         block = self.mask_block_size
         widths = [(m.experts.sum(dim=1) * block).tolist() for m in masks]
         self._report = {
@@ -291,8 +306,18 @@ class ToMoEModifier(Modifier):
                 plan.device,
                 shared=plan.shared_blocks,
             )
+            attentions, pruners = None, None
+            if self.attention_pruning:
+                attentions = plan.attentions
+                pruners = [QKPruner(a.head_dim).to(plan.device) for a in attentions]
             gates = GatedMLPs(
-                plan.mlps, plan.downs, routers, self.mask_block_size, self.temperature
+                plan.mlps,
+                plan.downs,
+                routers,
+                self.mask_block_size,
+                self.temperature,
+                attentions,
+                pruners,
             )
             with frozen(model):
                 warm = None
@@ -341,7 +366,8 @@ class ToMoEModifier(Modifier):
             history["warm_start"] = warm
         routers = [r.eval() for r in routers]
         masks = final_layer_masks(hypernet.eval(), routers, self.temperature)
-        return routers, masks, history
+        qk_dims = None if pruners is None else final_qk_dims(pruners, self.temperature)
+        return routers, masks, qk_dims, history
 
     def _expert_biases(self, model, plan: "_Plan", routers, masks):
         """Each expert's closed-form output bias, or None (``expert_bias``)."""
@@ -375,6 +401,8 @@ class ToMoEModifier(Modifier):
         loader = self._check_calibration_data(loader)
         hidden = model.config.hidden_size
         shared = self.expert_layout == "shared"
+        if self.attention_pruning:
+            self._check_attention_prunable(model, layout, indices, shared)
         if shared:
             check_stock_export(model, layout)
             if self.expert_bias:
@@ -399,8 +427,19 @@ class ToMoEModifier(Modifier):
             steps=self.iters or self.epochs * len(loader),
             compute_dtype=self._resolve_dtype(device),
         )
+        layers = model.get_submodule(layout.layers)
+        attentions = [getattr(layers[i], layout.attention) for i in indices]
         return _Plan(
-            arch, layout, indices, mlps, loader, budget, device, settings, shared_blocks
+            arch,
+            layout,
+            indices,
+            mlps,
+            loader,
+            budget,
+            device,
+            settings,
+            shared_blocks,
+            attentions,
         )
 
     @staticmethod
@@ -446,6 +485,30 @@ class ToMoEModifier(Modifier):
                     "the whole MLP or to zero; use a smaller mask_block_size"
                 )
         return indices, mlps
+
+    @staticmethod
+    def _check_attention_prunable(model, layout, indices, shared: bool) -> None:
+        if shared:
+            raise ValueError(
+                "attention_pruning changes the q/k head size, which the shared "
+                "layout's stock Qwen2-MoE export cannot hold; use expert_layout: "
+                "paper or attention_pruning: false"
+            )
+        layers = model.get_submodule(layout.layers)
+        for i in indices:
+            attention = getattr(layers[i], layout.attention)
+            if type(attention) not in QK_PRUNED_ATTENTION:
+                raise ValueError(
+                    f"attention_pruning does not support {type(attention).__name__} "
+                    f"({layout.layers}.{i}.{layout.attention}; supported: "
+                    f"{sorted(c.__name__ for c in QK_PRUNED_ATTENTION)}). Set "
+                    "attention_pruning: false"
+                )
+            if attention.head_dim % 2:
+                raise ValueError(
+                    f"attention_pruning keeps RoPE pairs and needs an even head_dim; "
+                    f"{layout.layers}.{i} has {attention.head_dim}"
+                )
 
     @staticmethod
     def _check_calibration_data(loader):
@@ -508,6 +571,7 @@ class _Plan:
     device: torch.device
     settings: TrainSettings
     shared_blocks: tuple[int, int] | None  # (shared, per routed group): "shared"
+    attentions: list[nn.Module]  # the converted layers' attention modules
 
     @property
     def downs(self) -> list[nn.Module]:

@@ -50,9 +50,12 @@ class LayerCount:
     mlp_fixed: int  # executed whatever the routing (the down_proj bias)
     converted: bool
     router: int  # router (and gate) parameters of a converted MLP
+    qk_dims: int | None = None  # q/k dims kept per head after attention pruning
 
     def attention_params(self, qk_dims: int | None = None) -> int:
-        """Attention parameters executed when ``qk_dims`` q/k dims per head are kept."""
+        """Attention parameters executed when ``qk_dims`` q/k dims per head are kept
+        (default: what this layer keeps)."""
+        qk_dims = self.qk_dims if qk_dims is None else qk_dims
         if qk_dims is None:
             return self.attention
         return self.attention - self.qk_params_per_dim * (self.head_dim - qk_dims)
@@ -71,9 +74,14 @@ def count_layer(
     qk_bias = int(q is not None and q.bias is not None)
     qk_per_dim = (heads + kv_heads) * (config.hidden_size + qk_bias)
     hidden = config.hidden_size
+    attention_params = _numel(attention)
+    qk_dims = None
+    if hasattr(attention, "qk_index"):  # q/k head dims pruned by ToMoE
+        qk_dims = attention.qk_index.numel()
+        attention_params += qk_per_dim * (head_dim - qk_dims)  # the dense count
     if hasattr(mlp, "shared_expert"):  # a stock Qwen2-MoE block (shared layout)
         return LayerCount(
-            attention=_numel(attention),
+            attention=attention_params,
             qk_params_per_dim=qk_per_dim,
             head_dim=head_dim,
             mlp=3 * hidden * config.intermediate_size,
@@ -82,6 +90,7 @@ def count_layer(
             mlp_fixed=0,
             converted=True,
             router=_numel(mlp.gate) + _numel(mlp.shared_expert_gate),
+            qk_dims=qk_dims,
         )
     if hasattr(mlp, "union_size"):  # a converted ToMoESparseMLP
         width = config.intermediate_size
@@ -94,7 +103,7 @@ def count_layer(
         if mlp.shared_gate is not None:
             router += _numel(mlp.shared_gate)
         return LayerCount(
-            attention=_numel(attention),
+            attention=attention_params,
             qk_params_per_dim=qk_per_dim,
             head_dim=head_dim,
             mlp=per_channel * width + fixed,
@@ -103,6 +112,7 @@ def count_layer(
             mlp_fixed=fixed,
             converted=True,
             router=router,
+            qk_dims=qk_dims,
         )
     gate = getattr(mlp, layout.gate_proj)
     up = getattr(mlp, layout.up_proj)
@@ -124,6 +134,7 @@ def count_layer(
         mlp_fixed=0 if down.bias is None else down.bias.numel(),
         converted=router_params > 0,
         router=router_params,
+        qk_dims=qk_dims,
     )
 
 
@@ -183,9 +194,21 @@ class Budget:
             total += c.router + c.mlp_fixed if c.converted else c.mlp
         return total
 
-    def ratio(self, expert_params):
-        """(fixed + ``expert_params``) / dense; a tensor stays a tensor (for grads)."""
-        return (self.fixed_params() + expert_params) / self.dense_total
+    def ratio(self, expert_params, attention_saving=0.0):
+        """(fixed - ``attention_saving`` + ``expert_params``) / dense; a tensor stays
+        a tensor (for gradients)."""
+        fixed = self.fixed_params()
+        if not isinstance(attention_saving, float) or attention_saving:
+            fixed = fixed - attention_saving
+        return (fixed + expert_params) / self.dense_total
+
+    def attention_saving(self, kept_pairs: list):
+        """Attention parameters saved per token when converted layer l keeps
+        ``kept_pairs[l]`` RoPE pairs (2 q/k dims each) of every head; differentiable."""
+        total = 0.0
+        for c, pairs in zip(self.converted, kept_pairs):
+            total = total + c.qk_params_per_dim * (c.head_dim - 2 * pairs)
+        return total
 
     def expert_params(self, widths: list, usage: list):
         """

@@ -13,11 +13,17 @@ from loguru import logger
 from torch import nn
 
 from tomoe_modifier.mappings import MLPLayout
-from tomoe_modifier.modeling_tomoe import TOMOE_ARCHITECTURES, ToMoESparseMLP
-from tomoe_modifier.router import ExpertHypernetwork, LayerMasks, LayerRouter
+from tomoe_modifier.modeling_tomoe import (
+    TOMOE_ARCHITECTURES,
+    ToMoESparseMLP,
+    prune_qk_dims,
+)
+from tomoe_modifier.router import ExpertHypernetwork, LayerMasks, LayerRouter, QKPruner
 
 __all__ = [
     "final_layer_masks",
+    "final_qk_dims",
+    "prune_attention",
     "order_union_blocks",
     "build_sparse_mlp",
     "convert_model",
@@ -37,6 +43,36 @@ def final_layer_masks(
             LayerMasks(experts.bool(), None if shared is None else shared.bool())
         )
     return masks
+
+
+@torch.no_grad()
+def final_qk_dims(pruners: list[QKPruner], temperature: float) -> list[torch.Tensor]:
+    """Per pruned layer, the kept head dims (noise off): pairs P then P + hd/2."""
+    dims = []
+    for pruner in pruners:
+        pairs = pruner.pair_mask(temperature, noise=0.0).bool().nonzero().squeeze(1)
+        half = pruner.logits.numel()
+        dims.append(torch.cat([pairs, pairs + half]))
+    return dims
+
+
+def prune_attention(
+    model: nn.Module, layout: MLPLayout, layer_indices: list[int], dims: list
+) -> list[int | None]:
+    """Delete the pruned q/k head dims of ``layer_indices`` in place; returns the
+    kept dims per decoder layer (None: unpruned), for ``config.moe_qk_dims``."""
+    layers = model.get_submodule(layout.layers)
+    kept: list[int | None] = [None] * len(layers)
+    for index, layer_dims in zip(layer_indices, dims):
+        attention = getattr(layers[index], layout.attention)
+        before = attention.head_dim
+        prune_qk_dims(attention, layer_dims)
+        kept[index] = int(layer_dims.numel())
+        logger.info(
+            f"ToMoE pruned {layout.layers}.{index}.{layout.attention}: q/k head dims "
+            f"{before} -> {kept[index]}"
+        )
+    return kept
 
 
 def order_union_blocks(masks: torch.Tensor) -> list[int]:

@@ -28,6 +28,14 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 from transformers.activations import ACT2FN
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.models.mistral.modeling_mistral import MistralAttention
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 
 try:  # llm-compressor is optional at inference time
     from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
@@ -51,6 +59,7 @@ __all__ = [
     "ToMoEQwen3Config",
     "ToMoEQwen3ForCausalLM",
     "TOMOE_ARCHITECTURES",
+    "prune_qk_dims",
 ]
 
 
@@ -555,6 +564,124 @@ class ToMoESparseMLP(nn.Module):
         return y + self.expert_bias[expert_ids].to(y.dtype)  # [T, D]
 
 
+# -- attention with pruned q/k head dims --------------------------------------------
+
+
+def qk_pruned_forward(
+    self,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    past_key_values=None,
+    **kwargs,
+):
+    """Llama-style attention whose queries and keys keep only the head dims in
+    ``qk_index`` (the same in every head; RoPE pairs kept together, ordered so the
+    pruned vector's halves are still the rotated pairs). Values and o_proj keep the
+    whole head, and the scale stays 1/sqrt(head_dim): q.k over the kept dims is the
+    dense score with the pruned dims' contributions removed, as trained."""
+    input_shape = hidden_states.shape[:-1]
+    kept = self.qk_index.numel()
+    query = self.q_proj(hidden_states).view(*input_shape, -1, kept).transpose(1, 2)
+    key = self.k_proj(hidden_states).view(*input_shape, -1, kept).transpose(1, 2)
+    value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim)
+    value = value.transpose(1, 2)
+    cos, sin = position_embeddings
+    cos, sin = cos[..., self.qk_index], sin[..., self.qk_index]
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, eager_attention_forward
+    )
+    window = getattr(
+        self, "sliding_window", getattr(self.config, "sliding_window", None)
+    )
+    output, weights = attention_interface(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        sliding_window=window,
+        **kwargs,
+    )
+    output = output.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(output), weights
+
+
+class ToMoELlamaQKAttention(LlamaAttention):
+    forward = qk_pruned_forward
+
+
+class ToMoEMistralQKAttention(MistralAttention):
+    forward = qk_pruned_forward
+
+
+class ToMoEQwen2QKAttention(Qwen2Attention):
+    forward = qk_pruned_forward
+
+
+QK_PRUNED_ATTENTION = {
+    LlamaAttention: ToMoELlamaQKAttention,
+    MistralAttention: ToMoEMistralQKAttention,
+    Qwen2Attention: ToMoEQwen2QKAttention,
+}
+
+
+def prune_qk_dims(
+    attention: nn.Module, dims: torch.Tensor, copy_weights: bool = True
+) -> nn.Module:
+    """Keep only head dims ``dims`` (sorted pairs [P, P + hd/2]) of q_proj/k_proj,
+    in place; the module becomes its family's q/k-pruned attention. Without
+    ``copy_weights`` only the shapes change (a checkpoint fills them)."""
+    cls = QK_PRUNED_ATTENTION.get(type(attention))
+    if cls is None:
+        raise ValueError(
+            f"q/k head-dim pruning does not support {type(attention).__name__} "
+            f"(supported: {sorted(c.__name__ for c in QK_PRUNED_ATTENTION)})"
+        )
+    head_dim = attention.head_dim
+    dims = dims.to(torch.long).cpu()
+    for name in ("q_proj", "k_proj"):
+        old = getattr(attention, name)
+        heads = old.out_features // head_dim
+        rows = torch.arange(heads, device="cpu")[:, None] * head_dim + dims[None, :]
+        rows = rows.flatten()
+        new = nn.Linear(
+            old.in_features,
+            rows.numel(),
+            bias=old.bias is not None,
+            device=old.weight.device,
+            dtype=old.weight.dtype,
+        )
+        if copy_weights:
+            with torch.no_grad():
+                new.weight.copy_(old.weight[rows.to(old.weight.device)])
+                if old.bias is not None:
+                    new.bias.copy_(old.bias[rows.to(old.bias.device)])
+        setattr(attention, name, new)
+    attention.register_buffer("qk_index", dims.to(attention.q_proj.weight.device))
+    attention.__class__ = cls
+    return attention
+
+
+def _replace_attention(model: nn.Module, config) -> None:
+    """Prune q/k of each decoder layer as ``config.moe_qk_dims`` says (on load)."""
+    dims = getattr(config, "moe_qk_dims", None)
+    if not dims:
+        return
+    for layer, kept in zip(model.model.layers, dims):
+        if kept is None:
+            continue
+        head_dim = layer.self_attn.head_dim
+        half = torch.arange(kept // 2, device="cpu")  # placeholder; loaded later
+        placeholder = torch.cat([half, half + head_dim // 2])
+        prune_qk_dims(layer.self_attn, placeholder, copy_weights=False)
+
+
 def _replace_mlps(model: nn.Module, config) -> None:
     """Swap each decoder layer's MLP for a ToMoESparseMLP sized from the config."""
     if config.moe_union_sizes is None:
@@ -597,6 +724,7 @@ class ToMoELlamaConfig(LlamaConfig):
     moe_block_size: int = 64
     moe_union_sizes: list | None = None
     moe_expert_bias: bool = False
+    moe_qk_dims: list | None = None
 
 
 class ToMoELlamaForCausalLM(LlamaForCausalLM):
@@ -606,6 +734,7 @@ class ToMoELlamaForCausalLM(LlamaForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         _replace_mlps(self, config)
+        _replace_attention(self, config)
         self.post_init()
 
 
@@ -619,6 +748,7 @@ class ToMoEMistralConfig(MistralConfig):
     moe_block_size: int = 64
     moe_union_sizes: list | None = None
     moe_expert_bias: bool = False
+    moe_qk_dims: list | None = None
 
 
 class ToMoEMistralForCausalLM(MistralForCausalLM):
@@ -628,6 +758,7 @@ class ToMoEMistralForCausalLM(MistralForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         _replace_mlps(self, config)
+        _replace_attention(self, config)
         self.post_init()
 
 
@@ -641,6 +772,7 @@ class ToMoEQwen2Config(Qwen2Config):
     moe_block_size: int = 64
     moe_union_sizes: list | None = None
     moe_expert_bias: bool = False
+    moe_qk_dims: list | None = None
 
 
 class ToMoEQwen2ForCausalLM(Qwen2ForCausalLM):
@@ -650,6 +782,7 @@ class ToMoEQwen2ForCausalLM(Qwen2ForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         _replace_mlps(self, config)
+        _replace_attention(self, config)
         self.post_init()
 
 
@@ -663,6 +796,7 @@ class ToMoEQwen3Config(Qwen3Config):
     moe_block_size: int = 64
     moe_union_sizes: list | None = None
     moe_expert_bias: bool = False
+    moe_qk_dims: list | None = None
 
 
 class ToMoEQwen3ForCausalLM(Qwen3ForCausalLM):
@@ -672,6 +806,7 @@ class ToMoEQwen3ForCausalLM(Qwen3ForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         _replace_mlps(self, config)
+        _replace_attention(self, config)
         self.post_init()
 
 

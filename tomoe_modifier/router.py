@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "QK_START_LOGIT",
+    "QKPruner",
     "ExpertHypernetwork",
     "LayerMasks",
     "LayerRouter",
@@ -116,6 +118,37 @@ def assign_blocks(scores: torch.Tensor, capacity: list[int]) -> torch.Tensor:
     placed = (held >= 0).nonzero().squeeze(1)
     hard[held[placed], placed] = True
     return hard
+
+
+# Keep-logit of every q/k RoPE pair at the start: kept (noise of mean +0.58 rarely
+# flips it) yet unsaturated enough at temperature 0.4 for the budget to move it.
+QK_START_LOGIT = 1.5
+
+
+class QKPruner(nn.Module):
+    """
+    Static q/k head-dimension pruning of one attention layer (the paper's attention
+    pruning): one keep-logit per RoPE pair (dims i and i + head_dim / 2, which
+    rotary embeddings rotate together), shared by every query and key head, so GQA
+    stays consistent and the pruned dims can be deleted from q_proj and k_proj.
+    """
+
+    def __init__(self, head_dim: int, start_logit: float = QK_START_LOGIT):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE pairs need an even head_dim, got {head_dim}")
+        self.logits = nn.Parameter(torch.full((head_dim // 2,), start_logit))
+
+    def pair_mask(self, tau: float, noise: float) -> torch.Tensor:
+        """Hard keep-mask over pairs [hd/2] (straight-through); >= 1 pair kept."""
+        mask = gumbel_sigmoid_st(self.logits, tau, noise)
+        best = F.one_hot(self.logits.argmax(), mask.shape[0]).to(mask.dtype)
+        return torch.maximum(mask, best)
+
+    @staticmethod
+    def dim_mask(pair_mask: torch.Tensor) -> torch.Tensor:
+        """The mask over a head's dims [hd]: each pair's two dims together."""
+        return torch.cat([pair_mask, pair_mask])
 
 
 class ExpertHypernetwork(nn.Module):

@@ -20,7 +20,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tomoe_modifier.budget import Budget
-from tomoe_modifier.router import ExpertHypernetwork, LayerMasks, LayerRouter
+from tomoe_modifier.router import (
+    ExpertHypernetwork,
+    LayerMasks,
+    LayerRouter,
+    QKPruner,
+)
 
 __all__ = [
     "GatedMLPs",
@@ -95,8 +100,14 @@ class GatedMLPs:
         routers: list[LayerRouter],
         block_size: int,
         temperature: float,
+        attentions: list[nn.Module] | None = None,
+        qk_pruners: list[QKPruner] | None = None,
     ):
         self.mlps, self.down_projs, self.routers = mlps, down_projs, routers
+        # attention pruning: q_proj / k_proj outputs are masked before RoPE
+        self.attentions = attentions or []
+        self.qk_pruners = qk_pruners or []
+        self.qk_masks: list[torch.Tensor] = []  # per layer [hd]
         self.block_size = block_size
         self.temperature = temperature
         self.enabled = True
@@ -111,6 +122,9 @@ class GatedMLPs:
         for i, (mlp, down) in enumerate(zip(self.mlps, self.down_projs)):
             self._handles.append(mlp.register_forward_pre_hook(self._route_hook(i)))
             self._handles.append(down.register_forward_pre_hook(self._mask_hook(i)))
+        for i, attention in enumerate(self.attentions[: len(self.qk_pruners)]):
+            for proj in (attention.q_proj, attention.k_proj):
+                self._handles.append(proj.register_forward_hook(self._qk_hook(i)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -128,6 +142,16 @@ class GatedMLPs:
             self.choices[index], self.probs[index] = choice, probs
             self.token_scales[index] = router.token_scale(x)
             return None
+
+        return hook
+
+    def _qk_hook(self, index: int):
+        def hook(module, args, output):
+            if not self.enabled or not self.qk_masks:
+                return None
+            mask = self.qk_masks[index]  # [hd]
+            heads = output.view(*output.shape[:-1], -1, mask.shape[0])
+            return (heads * mask.to(output.dtype)).view(output.shape)
 
         return hook
 
@@ -210,6 +234,7 @@ def train_routers(
     params = list(hypernet.parameters()) + [
         p for r in gates.routers for p in r.parameters()
     ]
+    params += [p for pruner in gates.qk_pruners for p in pruner.parameters()]
     optimizer = torch.optim.AdamW(
         params, lr=settings.lr, weight_decay=settings.weight_decay
     )
@@ -254,6 +279,10 @@ def train_routers(
                 r.layer_masks(embeddings[i], settings.temperature, noise=noise)
                 for i, r in enumerate(gates.routers)
             ]
+            pair_masks = [
+                p.pair_mask(settings.temperature, noise) for p in gates.qk_pruners
+            ]
+            gates.qk_masks = [QKPruner.dim_mask(m) for m in pair_masks]
             student = model(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             ).logits
@@ -268,7 +297,10 @@ def train_routers(
                 (c * valid[:, None]).sum(0) / valid.sum().clamp_min(1)
                 for c in gates.choices
             ]
-            ratio = budget.ratio(budget.expert_params(widths, usage))
+            saving = 0.0
+            if pair_masks:
+                saving = budget.attention_saving([m.sum() for m in pair_masks])
+            ratio = budget.ratio(budget.expert_params(widths, usage), saving)
             p = settings.target_active_ratio
             budget_term = torch.abs(torch.log((ratio + 1e-3) / (p + 1e-3)))
             union_term = torch.stack(
@@ -297,7 +329,10 @@ def train_routers(
             if scheduler is not None:
                 scheduler.step()
 
-            worst = budget.ratio(budget.worst_case_params(widths))
+            worst = budget.ratio(
+                budget.worst_case_params(widths),
+                float(saving) if pair_masks else 0.0,
+            )
             record = {
                 "step": step + 1,
                 "loss": float(loss.detach()),

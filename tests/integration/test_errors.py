@@ -106,3 +106,22 @@ def test_quantizer_before_tomoe_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="must come before quantization modifiers"):
         run_oneshot(d, recipe, tmp_path / "out")
     assert _nothing_saved(tmp_path / "out")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "family, kwargs, message",
+    [
+        ("qwen3", {"attention_pruning": True}, "does not support Qwen3Attention"),
+        ("llama", {"attention_pruning": True, "expert_layout": "shared"}, "Qwen2-MoE"),
+        ("llama", {"expert_bias": True, "expert_layout": "shared"}, "no output bias"),
+        ("qwen3", {"expert_layout": "shared"}, "q/k norms"),
+    ],
+)
+def test_options_a_model_cannot_take_fail_before_training(
+    tmp_path, family, kwargs, message
+):
+    d = save_model(make_model(family), tmp_path / "dense")
+    with pytest.raises(ValueError, match=message):
+        run_oneshot(d, [ToMoEModifier(**{**TINY, **kwargs})], tmp_path / "out")
+    assert _nothing_saved(tmp_path / "out")

@@ -84,3 +84,20 @@ def test_training_is_seeded(tiny_llama_dir):
         with torch.no_grad():
             outputs.append(model(x).logits)
     torch.testing.assert_close(outputs[0], outputs[1])
+
+
+@pytest.mark.integration
+def test_attention_pruning_and_expert_bias_end_to_end(tmp_path):
+    dense_dir = save_model(make_model("llama", head_dim=16), tmp_path / "dense")
+    modifier = ToMoEModifier(
+        attention_pruning=True, expert_bias=True, target_active_ratio=0.55, **FAST
+    )
+    model = run_oneshot(dense_dir, [modifier], tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["moe_expert_bias"] is True
+    assert len(config["moe_qk_dims"]) == 2
+    assert modifier.report["qk_dims"] == config["moe_qk_dims"]
+    x = torch.randint(4, 256, (1, 9))
+    with torch.no_grad():
+        torch.save({"x": x, "logits": model(x).logits}, tmp_path / "expected.pt")
+    assert_loads_without_plugin(tmp_path / "out", tmp_path / "expected.pt")

@@ -16,6 +16,7 @@ __all__ = [
     "cache_dir",
     "download_wheel",
     "load_split",
+    "prepare_generated_text",
     "prepare_smollm2",
     "prepare_text",
     "token_windows",
@@ -26,6 +27,7 @@ _WHERE = {
     "cache_dir": "cache",
     "download_wheel": "cache",
     "prepare_smollm2": "smollm2",
+    "prepare_generated_text": "generated",
     "SPLITS": "text",
     "load_split": "text",
     "prepare_text": "text",
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
         build_calibration_dataset,
         token_windows,
     )
+    from tomoe_modifier.assets.generated import prepare_generated_text
     from tomoe_modifier.assets.smollm2 import prepare_smollm2
     from tomoe_modifier.assets.text import SPLITS, load_split, prepare_text
 
