@@ -124,6 +124,17 @@ class ToMoEModifier(Modifier):
     :param expert_bias: after training, give each expert the mean contribution of
         the channels it drops as an output bias (closed form on ``warm_start_tokens``
         calibration tokens; FLAP-style; "paper" layout only)
+    :param hidden_distill_weight: weight of an extra normalised MSE between the
+        gated and the dense model's final hidden states (0: logits only)
+    :param teacher_cache: "sampled" keeps the dense teacher's targets of every
+        calibration row seen (``teacher_samples`` tokens drawn from its distribution
+        per position, an unbiased stand-in for the full logits), so a row drawn
+        again costs no teacher forward; "none" runs the teacher every step
+    :param teacher_samples: tokens drawn per position for the teacher cache
+    :param train_window: cut calibration rows longer than this into windows of this
+        many tokens for training (None: train on the rows as given)
+    :param long_window_every: with ``train_window``, every this-many-th step trains
+        on the whole rows instead (0: never), mixing long contexts into short ones
     :param seed: seeds router initialisation and the Gumbel noise
     :param log_every: log one line of losses every this many steps
     :param report_path: optional JSON file for the loss history and expert layout
@@ -155,6 +166,11 @@ class ToMoEModifier(Modifier):
     warm_start_tokens: int = 4096
     expert_bias: bool = False
     attention_pruning: bool = False
+    hidden_distill_weight: float = 0.0
+    teacher_cache: Literal["none", "sampled"] = "none"
+    teacher_samples: int = 64
+    train_window: int | None = None
+    long_window_every: int = 0
     seed: int = 0
     log_every: int = 10
     report_path: str | None = None
@@ -189,11 +205,26 @@ class ToMoEModifier(Modifier):
         "epochs",
         "log_every",
         "warm_start_tokens",
+        "teacher_samples",
     )
     @classmethod
     def _check_positive(cls, value: int, info) -> int:
         if value < 1:
             raise ValueError(f"{info.field_name} must be >= 1, got {value}")
+        return value
+
+    @field_validator("train_window")
+    @classmethod
+    def _check_window(cls, value: int | None) -> int | None:
+        if value is not None and value < 2:
+            raise ValueError(f"train_window must be >= 2 or None, got {value}")
+        return value
+
+    @field_validator("long_window_every", "hidden_distill_weight")
+    @classmethod
+    def _check_non_negative(cls, value, info):
+        if value < 0:
+            raise ValueError(f"{info.field_name} must be >= 0, got {value}")
         return value
 
     @field_validator("noise_anneal")

@@ -4,7 +4,8 @@ load without this package.
 Why Qwen2-MoE: it has a shared expert next to the routed ones, a softmax top-k router
 that with top-1 and ``norm_topk_prob`` weighs the chosen expert by exactly 1, dense
 layers through ``mlp_only_layers``, and an attention that is Llama's (no q/k norms,
-q/k/v biases optional through ``qkv_bias``, the same RoPE and RMSNorm), so Llama,
+q/k/v biases through ``qkv_bias``, zero where the source has none, the same RoPE
+and RMSNorm), so Llama,
 Mistral (without a sliding window) and Qwen2 models convert exactly. Its shared
 expert is gated by ``sigmoid(shared_expert_gate(x))``; ToMoE trains that gate as
 ``2 * sigmoid(g(x))`` (1 at the start) and the export doubles the shared down_proj,
@@ -166,13 +167,23 @@ def export_qwen2_moe(
     dense = [i for i in range(len(layers)) if i not in groups]
     qkv_bias = getattr(layers[0], layout.attention).q_proj.bias is not None
     new_config = _qwen2_moe_config(
-        config, qkv_bias, num_experts, shared_size, routed_size, dense
+        config, True, num_experts, shared_size, routed_size, dense
     )
 
     state = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         if f".{layout.mlp}." not in name or not name.startswith(layout.layers):
             state[name] = tensor  # embeddings, attention, norms, lm_head: shared
+    if not qkv_bias:
+        # vLLM 0.32's Qwen2-MoE always builds q/k/v biases and leaves absent ones
+        # uninitialised (NaN output), so the export carries explicit zero biases
+        for i, layer in enumerate(layers):
+            attention = getattr(layer, layout.attention)
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                linear = getattr(attention, proj)
+                state[f"{layout.layers}.{i}.{layout.attention}.{proj}.bias"] = (
+                    linear.weight.new_zeros(linear.out_features)
+                )
     for i, layer in enumerate(layers):
         prefix = f"{layout.layers}.{i}.mlp"
         mlp = getattr(layer, layout.mlp)

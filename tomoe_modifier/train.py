@@ -29,6 +29,11 @@ from tomoe_modifier.router import (
 
 __all__ = [
     "GatedMLPs",
+    "TeacherCache",
+    "forward_logits",
+    "hidden_distillation",
+    "sampled_distillation",
+    "training_window",
     "TrainSettings",
     "frozen",
     "distillation_loss",
@@ -62,6 +67,11 @@ class TrainSettings:
     log_every: int
     seed: int
     expert_layout: str  # "paper" or "shared"
+    hidden_distill_weight: float
+    teacher_cache: str  # "none" or "sampled"
+    teacher_samples: int
+    train_window: int | None
+    long_window_every: int
 
     @classmethod
     def from_fields(cls, source, **derived) -> "TrainSettings":
@@ -218,6 +228,100 @@ def _batches(loader, steps: int):
     )
 
 
+def training_window(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, step: int, settings
+):
+    """
+    The rows a step trains on. With ``train_window`` w, calibration rows longer than
+    w are cut into rows of w tokens (a remainder is dropped), except on every
+    ``long_window_every``-th step, which keeps the whole rows: most steps see
+    short, cheap windows and some see the long contexts an evaluation uses.
+    """
+    window = settings.train_window
+    length = input_ids.shape[1]
+    every = settings.long_window_every
+    if window is None or length <= window or (every and (step + 1) % every == 0):
+        return input_ids, attention_mask
+    keep = length // window * window
+    return (
+        input_ids[:, :keep].reshape(-1, window),
+        attention_mask[:, :keep].reshape(-1, window),
+    )
+
+
+def forward_logits(model: nn.Module, input_ids, attention_mask):
+    """(final hidden states [B, L, D], logits [B, L, V]) of a causal LM, computed
+    from its decoder and output embedding directly, so it works where
+    llm-compressor has disabled the LM head module (inside its calibration
+    pipelines) and gives the same numbers as ``model(...).logits`` elsewhere."""
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+    head = model.get_output_embeddings()
+    return hidden, F.linear(hidden, head.weight, getattr(head, "bias", None))
+
+
+class TeacherCache:
+    """
+    The dense teacher's targets for calibration rows already seen, so a row drawn
+    again skips the teacher forward. Logits are kept as ``samples`` tokens drawn
+    from the teacher's distribution per position (sampled, not top-k: a top-k cache
+    biases the distillation towards the head of the distribution); their mean
+    log-likelihood under the student is an unbiased estimate of the cross-entropy
+    whose gradient is the KL's. Final hidden states are kept (in the compute dtype)
+    only when the hidden-state term is on.
+    """
+
+    def __init__(self, samples: int, keep_hidden: bool):
+        self.samples = samples
+        self.keep_hidden = keep_hidden
+        self.rows: dict[bytes, dict] = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(row: torch.Tensor) -> bytes:
+        return row.detach().cpu().numpy().tobytes()
+
+    def lookup(self, input_ids: torch.Tensor):
+        entries = [self.rows.get(self.key(row)) for row in input_ids]
+        if any(e is None for e in entries):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return entries
+
+    @torch.no_grad()
+    def store(self, input_ids, logits, hidden) -> None:
+        probs = F.softmax(logits.float(), dim=-1)  # [B, L, V]
+        entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # [B, L]
+        for b, row in enumerate(input_ids):
+            drawn = torch.multinomial(probs[b], self.samples, replacement=True)
+            self.rows[self.key(row)] = {
+                "samples": drawn.to(torch.int32).cpu(),  # [L, K]
+                "entropy": entropy[b].cpu(),  # [L]
+                "hidden": hidden[b].detach().cpu() if self.keep_hidden else None,
+            }
+
+
+def sampled_distillation(student, entries, valid, device) -> torch.Tensor:
+    """KL(teacher || student) estimated from cached teacher samples, per valid token:
+    -mean_k log p_s(sample_k) - H(teacher). student: [B, L, V]."""
+    samples = torch.stack([e["samples"] for e in entries]).to(device).long()
+    entropy = torch.stack([e["entropy"] for e in entries]).to(device)
+    log_p = F.log_softmax(student.float(), dim=-1)  # [B, L, V]
+    cross = -log_p.gather(-1, samples).mean(-1)  # [B, L]
+    kl = (cross - entropy).reshape(-1)
+    return (kl * valid).sum() / valid.sum().clamp_min(1)
+
+
+def hidden_distillation(student, teacher, valid) -> torch.Tensor:
+    """Normalised MSE of the final hidden states per valid token ([B, L, D])."""
+    error = (student.float() - teacher.float()).square().sum(-1).reshape(-1)
+    scale = teacher.float().square().sum(-1).reshape(-1).clamp_min(1e-12)
+    return ((error / scale) * valid).sum() / valid.sum().clamp_min(1)
+
+
 def train_routers(
     model: nn.Module,
     gates: GatedMLPs,
@@ -256,6 +360,11 @@ def train_routers(
         if use_autocast
         else contextlib.nullcontext()
     )
+    cache = None
+    if settings.teacher_cache == "sampled":
+        cache = TeacherCache(
+            settings.teacher_samples, settings.hidden_distill_weight > 0
+        )
     with torch.enable_grad(), autocast:
         for step, batch in enumerate(_batches(loader, settings.steps)):
             input_ids = batch["input_ids"].to(device)
@@ -263,15 +372,24 @@ def train_routers(
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
             attention_mask = attention_mask.to(device)
+            input_ids, attention_mask = training_window(
+                input_ids, attention_mask, step, settings
+            )
             valid = attention_mask.reshape(-1).float()  # [T]
             tokens_seen += int(valid.sum())
 
-            gates.enabled = False
-            with torch.no_grad():
-                teacher = model(
-                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-                ).logits
-            gates.enabled = True
+            cached = cache.lookup(input_ids) if cache is not None else None
+            if cached is None:
+                gates.enabled = False
+                with torch.no_grad():
+                    teacher_hidden, teacher = forward_logits(
+                        model, input_ids, attention_mask
+                    )
+                gates.enabled = True
+                if cache is not None:
+                    cache.store(input_ids, teacher, teacher_hidden)
+            elif settings.hidden_distill_weight > 0:
+                teacher_hidden = torch.stack([e["hidden"] for e in cached]).to(device)
             noise = noise_scale(step, settings.steps, settings.noise_anneal)
             gates.noise = noise
             embeddings = hypernet()  # [L, E, K]
@@ -283,13 +401,17 @@ def train_routers(
                 p.pair_mask(settings.temperature, noise) for p in gates.qk_pruners
             ]
             gates.qk_masks = [QKPruner.dim_mask(m) for m in pair_masks]
-            student = model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            ).logits
+            student_hidden, student = forward_logits(model, input_ids, attention_mask)
             vocab = student.shape[-1]
-            kd = distillation_loss(
-                student.reshape(-1, vocab), teacher.reshape(-1, vocab), valid
-            )
+            if cached is None:
+                kd = distillation_loss(
+                    student.reshape(-1, vocab), teacher.reshape(-1, vocab), valid
+                )
+            else:
+                kd = sampled_distillation(student, cached, valid, device)
+            hidden_term = torch.zeros((), device=device)
+            if settings.hidden_distill_weight > 0:
+                hidden_term = hidden_distillation(student_hidden, teacher_hidden, valid)
             widths = [
                 m.experts.sum(dim=1) * gates.block_size for m in gates.layer_masks
             ]
@@ -322,6 +444,8 @@ def train_routers(
                     settings.distill_weight * kd
                     + settings.balance_weight * balance_term
                 )
+            if settings.hidden_distill_weight > 0:
+                loss = loss + settings.hidden_distill_weight * hidden_term
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -340,6 +464,8 @@ def train_routers(
                 "budget": float(budget_term.detach()),
                 "union": float(union_term.detach()),
                 "balance": float(balance_term.detach()),
+                "hidden": float(hidden_term.detach()),
+                "teacher_cached": cached is not None,
                 "active_ratio": float(ratio.detach()),
                 "worst_case_ratio": float(worst),
                 "noise": round(noise, 4),
@@ -369,11 +495,17 @@ def train_routers(
                     "lower lr or check the calibration data"
                 )
     progress.close()
+    if cache is not None:
+        logger.info(
+            f"ToMoE teacher cache: {cache.hits} of {cache.hits + cache.misses} "
+            f"steps reused the teacher ({len(cache.rows)} rows cached)"
+        )
     gates.choices = [None] * len(gates.choices)
     gates.probs = [None] * len(gates.probs)
     return {
         "steps": settings.steps,
         "tokens": tokens_seen,
         "train_seconds": round(time.perf_counter() - start, 2),
+        "teacher_cache_hits": cache.hits if cache is not None else 0,
         "history": history,
     }
