@@ -24,13 +24,20 @@ from tomoe_modifier.convert import (
     prune_attention,
 )
 from tomoe_modifier.correction import expert_output_biases
+from tomoe_modifier.distributed import broadcast_parameters, is_main_process
 from tomoe_modifier.export import check_stock_export, export_qwen2_moe
 from tomoe_modifier.mappings import MLPLayout, get_layout
 from tomoe_modifier.modeling_tomoe import QK_PRUNED_ATTENTION
 from tomoe_modifier.precision import choose_compute_dtype
 from tomoe_modifier.router import QKPruner, build_routers
+from tomoe_modifier.sequential import SequentialRun, calibrate_all_experts_disabled
 from tomoe_modifier.train import GatedMLPs, TrainSettings, frozen, train_routers
-from tomoe_modifier.warm_start import activation_start, layerwise_start
+from tomoe_modifier.warm_start import (
+    KEEP_MARGIN,
+    activation_start,
+    layerwise_start,
+    set_block_logits,
+)
 
 __all__ = ["ToMoEModifier"]
 
@@ -73,6 +80,12 @@ class ToMoEModifier(Modifier):
             - nothing (all work is done before any calibration pipeline runs, so a
               quantization modifier later in the recipe sees the experts)
 
+    :param train_mode: "global" trains every router end to end through the whole
+        model in ``on_initialize`` (the model must fit on the device with training
+        activations); "layerwise" fits one decoder layer at a time on its captured
+        inputs inside llm-compressor's sequential pipeline, with the rest offloaded
+        (see ``sequential.py``; "paper" layout); "layerwise_then_global" adds the
+        end-to-end phase at the end of that pipeline, for models that fit
     :param expert_layout: "paper": each expert is any subset of the MLP's channels
         (overlapping, learned widths), saved as this package's ToMoE architecture;
         "shared": an always-on gated shared set plus E disjoint routed groups of
@@ -142,6 +155,7 @@ class ToMoEModifier(Modifier):
 
     requires_calibration_data: bool = False  # ToMoE runs its own loop in on_initialize
 
+    train_mode: Literal["global", "layerwise", "layerwise_then_global"] = "global"
     expert_layout: Literal["paper", "shared"] = "paper"
     targets: list[str] = Field(default_factory=lambda: ["re:.*mlp$"])
     ignore: list[str] = Field(default_factory=list)
@@ -177,6 +191,7 @@ class ToMoEModifier(Modifier):
 
     # private variables
     _report: dict = PrivateAttr(default_factory=dict)
+    _sequential: object | None = PrivateAttr(default=None)  # layer-wise run state
 
     # -- validation ------------------------------------------------------------
 
@@ -241,6 +256,14 @@ class ToMoEModifier(Modifier):
             raise ValueError(f"iters must be >= 1 or None, got {value}")
         return value
 
+    @model_validator(mode="after")
+    def _choose_pipeline(self):
+        # the layer-wise modes run inside llm-compressor's sequential pipeline,
+        # which a modifier asks for by requiring calibration data; "global" runs its
+        # own loop in on_initialize and takes the data-free pipeline
+        self.requires_calibration_data = self.train_mode != "global"
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _renamed_fields(cls, values):
@@ -275,8 +298,12 @@ class ToMoEModifier(Modifier):
             f"{self.num_experts} experts each, blocks of {self.mask_block_size} "
             f"channels, target active ratio {self.target_active_ratio} "
             f"(attention+router floor {plan.budget.ratio(0):.3f}), "
-            f"{plan.settings.steps} steps, compute {plan.settings.compute_dtype}"
+            f"{plan.settings.steps} steps, compute {plan.settings.compute_dtype}, "
+            f"{self.train_mode} training"
         )
+        if self.train_mode != "global":
+            self._prepare_sequential(model, plan)
+            return True
         routers, masks, qk_dims, history = self._train(model, plan)
         biases = self._expert_biases(model, plan, routers, masks)
         if self.expert_layout == "shared":
@@ -383,6 +410,8 @@ class ToMoEModifier(Modifier):
                         seed=self.seed,
                         device=plan.device,
                     )
+                # ranks warm-started on their own shards: all start from rank 0's
+                broadcast_parameters([hypernet, *routers, *(pruners or [])])
                 with gates:
                     history = train_routers(
                         model,
@@ -400,15 +429,174 @@ class ToMoEModifier(Modifier):
         qk_dims = None if pruners is None else final_qk_dims(pruners, self.temperature)
         return routers, masks, qk_dims, history
 
-    def _expert_biases(self, model, plan: "_Plan", routers, masks):
+    # -- the layer-wise modes (sequential pipeline) -------------------------------
+
+    def _prepare_sequential(self, model: nn.Module, plan: "_Plan") -> None:
+        """Convert structurally now (every expert all channels, so later
+        quantizers attach to the final modules); the fits come per layer."""
+        if self.expert_layout != "paper" or self.attention_pruning:
+            raise NotImplementedError(
+                f"train_mode {self.train_mode} supports expert_layout: paper without "
+                "attention_pruning (both change module shapes after a later "
+                "quantizer has attached to them); use train_mode: global"
+            )
+        with _seeded(self.seed, plan.device):
+            hypernet, routers = build_routers(
+                model.config.hidden_size,
+                self.num_experts,
+                [plan.width(m) // self.mask_block_size for m in plan.mlps],
+                self.mask_offset,
+                plan.device,
+            )
+        hidden = model.config.hidden_size
+        holders = []
+        for _ in plan.indices:
+            holder = nn.Module()
+            holder.gate = nn.Linear(hidden, self.num_experts, bias=False)
+            nn.init.zeros_(holder.gate.weight)
+            holders.append(holder)
+        full = [
+            torch.ones(
+                self.num_experts,
+                plan.width(m) // self.mask_block_size,
+                dtype=torch.bool,
+            )
+            for m in plan.mlps
+        ]
+        biases = None
+        if self.expert_bias:
+            biases = [torch.zeros(self.num_experts, hidden) for _ in plan.indices]
+        convert_model(
+            model,
+            plan.arch,
+            plan.layout,
+            plan.indices,
+            holders,
+            full,
+            self.mask_block_size,
+            self.num_experts,
+            1,
+            biases,
+        )
+        layers = model.get_submodule(plan.layout.layers)
+        moes = {i: getattr(layers[i], plan.layout.mlp) for i in plan.indices}
+        blocks = plan.width(plan.mlps[0]) // self.mask_block_size
+        budget_blocks = plan.budget.channel_fraction(self.target_active_ratio) * blocks
+        run = SequentialRun(moes, budget_blocks, self)
+        run.plan, run.hypernet, run.routers = plan, hypernet, routers
+        run.start = time.perf_counter()
+        self._sequential = run
+
+    def on_calibration_start(self, state: State, event, **kwargs) -> None:
+        if self._sequential is not None:
+            self._sequential.attach()
+
+    def on_sequential_epoch_end(self, state: State, event, modules=None, **kwargs):
+        if self._sequential is not None:
+            self._sequential.fit_layers(modules or [])
+
+    def on_calibration_end(self, state: State, event, **kwargs) -> None:
+        run = self._sequential
+        if run is None:
+            return
+        self.remove_hooks()
+        missing = sorted(set(run.moes) - set(run.fits))
+        if missing:
+            raise RuntimeError(
+                f"the sequential pipeline never reached the MLPs of layers {missing}; "
+                "check sequential_targets"
+            )
+        history = {"train_seconds": 0.0, "tokens": 0, "history": []}
+        if self.train_mode == "layerwise_then_global":
+            history = self._global_phase(state.model, run, state.data.calib)
+        plan = run.plan
+        widths = [(run.moes[i].expert_widths()).tolist() for i in plan.indices]
+        self._report = {
+            "architecture": plan.arch,
+            "expert_layout": self.expert_layout,
+            "train_mode": self.train_mode,
+            "target_active_ratio": self.target_active_ratio,
+            "layers": plan.indices,
+            "union_sizes": [run.moes[i].union_size for i in plan.indices],
+            "expert_widths": widths,
+            **plan.budget.summary(widths),
+            "layerwise": [
+                {
+                    "layer": i,
+                    "error": run.fits[i]["error"],
+                    "tokens": run.fits[i]["tokens"],
+                }
+                for i in plan.indices
+            ],
+            "layerwise_seconds": round(time.perf_counter() - run.start, 1),
+            "compute_dtype": str(plan.settings.compute_dtype),
+            **history,
+        }
+        logger.info(
+            f"ToMoE {self.train_mode} done: active ratio "
+            f"{self._report['active_ratio_uniform_routing']:.3f} with uniform "
+            f"routing, {self._report['active_ratio_worst_case']:.3f} worst case "
+            f"(target {self.target_active_ratio})"
+        )
+        self._write_report()
+        self._sequential = None
+
+    def _global_phase(self, model, run, loader) -> dict:
+        """The end-to-end phase of layerwise_then_global, from the layer fits."""
+        plan = run.plan
+        embeddings = run.hypernet().detach()
+        for k, (index, router) in enumerate(zip(plan.indices, run.routers)):
+            fit = run.fits[index]
+            with torch.no_grad():
+                router.gate.weight.copy_(fit["router"].to(router.gate.weight))
+            logits = torch.where(fit["blocks"], torch.tensor(KEEP_MARGIN), -KEEP_MARGIN)
+            set_block_logits(router, embeddings[k], logits)
+        run.make_dense()
+        moes = [run.moes[i] for i in plan.indices]
+        gates = GatedMLPs(
+            moes,
+            [m.down_proj for m in moes],
+            run.routers,
+            self.mask_block_size,
+            self.temperature,
+        )
+        with (
+            calibrate_all_experts_disabled(),
+            _seeded(self.seed, plan.device),
+            frozen(model),
+            gates,
+        ):
+            history = train_routers(
+                model,
+                gates,
+                run.hypernet,
+                plan.budget,
+                loader,
+                plan.settings,
+                plan.device,
+            )
+        routers = [r.eval() for r in run.routers]
+        masks = final_layer_masks(run.hypernet.eval(), routers, self.temperature)
+        biases = self._expert_biases(model, plan, routers, masks, mlps=moes)
+        for k, (moe, router, layer_masks) in enumerate(zip(moes, routers, masks)):
+            run.write(
+                moe,
+                router.gate.weight.detach(),
+                layer_masks.experts,
+                None if biases is None else biases[k],
+            )
+        return history
+
+    def _expert_biases(self, model, plan: "_Plan", routers, masks, mlps=None):
         """Each expert's closed-form output bias, or None (``expert_bias``)."""
         if not self.expert_bias:
             return None
+        mlps = plan.mlps if mlps is None else mlps
         with frozen(model):
             return expert_output_biases(
                 model,
-                plan.mlps,
-                plan.downs,
+                mlps,
+                [getattr(m, "down_proj") for m in mlps],
                 routers,
                 masks,
                 plan.loader,
@@ -579,7 +767,7 @@ class ToMoEModifier(Modifier):
         return getattr(torch, self.compute_dtype)
 
     def _write_report(self) -> None:
-        if not self.report_path:
+        if not self.report_path or not is_main_process():
             return
         path = os.path.abspath(self.report_path)
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -155,6 +155,23 @@ def build_sparse_mlp(
     return moe
 
 
+def match_offloading(new: nn.Module, old: nn.Module) -> None:
+    """Offload ``new`` like ``old`` (compressed-tensors offloading: CPU or disk), so a
+    converted MLP of an offloaded model does not stay resident."""
+    from compressed_tensors.offload import get_cache_init_kwargs, offload_module
+    from compressed_tensors.offload.cache import OffloadCache
+
+    like = next(
+        (m for m in old.modules() if isinstance(m._parameters, OffloadCache)), None
+    )
+    if like is None:
+        return
+    kwargs = get_cache_init_kwargs(like)
+    for module in new.modules():
+        if module._parameters or module._buffers:
+            offload_module(module, **kwargs)
+
+
 def convert_model(
     model: nn.Module,
     arch: str,
@@ -189,6 +206,7 @@ def convert_model(
             width_multiple,
             bias,
         )
+        match_offloading(moe, dense)
         setattr(layer, layout.mlp, moe)
         union_sizes[index] = moe.union_size
         widths = moe.expert_widths().tolist()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tomoe_modifier.distributed import sum_across_ranks
 from tomoe_modifier.router import LayerMasks, LayerRouter
 
 __all__ = ["expert_output_biases"]
@@ -80,6 +81,7 @@ def expert_output_biases(
             h.remove()
     biases = []
     for total, count, layer_masks, down in zip(sums, counts, masks, down_projs):
+        total, count = sum_across_ranks(total), sum_across_ranks(count)
         mean = total / count.clamp_min(1)[:, None]  # [E, I]
         keep = layer_masks.experts.bool().cpu().repeat_interleave(block_size, dim=1)
         dropped = mean * (~keep).double()  # [E, I]

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "allocate_widths",
+    "block_energy",
+    "fit_mlp_layer",
     "cluster_tokens",
     "dense_activations",
     "disjoint_expert_blocks",
@@ -164,3 +166,54 @@ def normalised_error(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of ||y - target||^2 / ||target||^2 (rows are tokens)."""
     error = (y - target).square().sum(-1)
     return (error / target.square().sum(-1).clamp_min(1e-12)).mean()
+
+
+def block_energy(h: torch.Tensor, down_weight: torch.Tensor, block_size: int):
+    """Per-token output energy of every channel block: sum over the block of
+    h_c^2 ||W_down[:, c]||^2. h: [T, I] -> [T, N]."""
+    norms = down_weight.detach().float().square().sum(dim=0)  # [I]
+    energy = h.square() * norms
+    return energy.view(len(h), -1, block_size).sum(-1)
+
+
+def fit_mlp_layer(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    down_weight: torch.Tensor,
+    *,
+    num_experts: int,
+    block_size: int,
+    budget_blocks: float,
+    seed: int = 0,
+) -> dict:
+    """
+    Fit one MLP alone (the layer-wise training mode): k-means start, energy
+    clustering, a router fitted to the clusters, and per-expert widths that spend
+    ``budget_blocks`` blocks per token on average within this layer.
+
+    :param x: MLP inputs [T, D]; h: dense channel activations [T, I]
+    :return: {"router": [E, D], "blocks": bool [E, N], "assignment": [T],
+        "error": normalised output error}
+    """
+    from tomoe_modifier.warm_start import kmeans, router_weight
+
+    energy = block_energy(h, down_weight, block_size)  # [T, N]
+    num_blocks = energy.shape[1]
+    provisional = max(1, min(num_blocks, round(budget_blocks)))
+    centroids = kmeans(x, num_experts, seed=seed)
+    unit = F.normalize(x.float(), dim=-1)
+    start = (unit @ centroids.T).argmax(-1)
+    labels = cluster_tokens(energy, start, [provisional] * num_experts)
+    router = fit_router(x, labels, router_weight(centroids, x))
+    routed = (x.float() @ router.t()).argmax(-1)
+    (widths,) = allocate_widths([energy], [routed], num_experts, [1], budget_blocks)
+    blocks = expert_blocks(energy, routed, widths.tolist())
+    multiplier = blocks[routed].float().repeat_interleave(block_size, dim=-1)
+    weight = down_weight.detach().float()
+    error = normalised_error((h * multiplier) @ weight.t(), h @ weight.t())
+    return {
+        "router": router,
+        "blocks": blocks,
+        "assignment": routed,
+        "error": float(error),
+    }

@@ -391,10 +391,13 @@ def can_use_fast_path(moe: "ToMoESparseMLP", x: torch.Tensor) -> bool:
     """Whether ``moe`` may run the CPU fast path on ``x``.
 
     The fast path reads the raw weights: quantized or wrapped Linears, calibration
-    (where every expert must see every token), tracing, autograd and devices other
+    (where every expert must see every token), tracing, autograd, modules marked
+    ``reference_only`` (training hooks act inside the reference) and devices other
     than the CPU use the masked reference.
     """
     if x.device.type != "cpu" or get_calibrate_all_experts_flag():
+        return False
+    if getattr(moe, "reference_only", False):  # set by training hooks
         return False
     if torch.jit.is_tracing() or (torch.is_grad_enabled() and x.requires_grad):
         return False

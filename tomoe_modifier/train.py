@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tomoe_modifier.budget import Budget
+from tomoe_modifier.distributed import average_gradients
 from tomoe_modifier.router import (
     ExpertHypernetwork,
     LayerMasks,
@@ -129,6 +130,8 @@ class GatedMLPs:
         self._handles: list = []
 
     def __enter__(self) -> "GatedMLPs":
+        for mlp in self.mlps:  # a converted MLP must run its masked reference,
+            mlp.reference_only = True  # where these hooks apply (layer-wise modes)
         for i, (mlp, down) in enumerate(zip(self.mlps, self.down_projs)):
             self._handles.append(mlp.register_forward_pre_hook(self._route_hook(i)))
             self._handles.append(down.register_forward_pre_hook(self._mask_hook(i)))
@@ -141,6 +144,8 @@ class GatedMLPs:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for mlp in self.mlps:
+            mlp.__dict__.pop("reference_only", None)
 
     def _route_hook(self, index: int):
         def hook(module, args):
@@ -448,6 +453,7 @@ def train_routers(
                 loss = loss + settings.hidden_distill_weight * hidden_term
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(params)  # data parallel under torchrun; no-op otherwise
             optimizer.step()
             lr = optimizer.param_groups[0]["lr"]
             if scheduler is not None:

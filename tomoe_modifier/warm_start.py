@@ -29,6 +29,7 @@ __all__ = [
     "kmeans",
     "layerwise_start",
     "router_weight",
+    "set_block_logits",
     "shared_start_logits",
 ]
 
@@ -219,7 +220,7 @@ def activation_start(
     )
 
 
-def _set_block_logits(router, embedding: torch.Tensor, logits: torch.Tensor) -> None:
+def set_block_logits(router, embedding: torch.Tensor, logits: torch.Tensor) -> None:
     """Make the router's block logits (decoder + offset + bias) equal ``logits``."""
     with torch.no_grad():
         base = router.block_logits(embedding) - router.block_bias
@@ -306,7 +307,7 @@ def layerwise_start(
             share = torch.bincount(assignment, minlength=num_experts).float() / len(x)
             target_width = float(share @ widths[index].float()) * block_size
         logits = torch.where(member, torch.tensor(KEEP_MARGIN), -KEEP_MARGIN)
-        _set_block_logits(router, embeddings[index], logits)
+        set_block_logits(router, embeddings[index], logits)
         mlp = mlps[index]
         h = dense_activations(x, mlp.gate_proj, mlp.up_proj, mlp.act_fn)
         weight = down_projs[index].weight.detach().float()

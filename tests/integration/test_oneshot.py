@@ -101,3 +101,20 @@ def test_attention_pruning_and_expert_bias_end_to_end(tmp_path):
     with torch.no_grad():
         torch.save({"x": x, "logits": model(x).logits}, tmp_path / "expected.pt")
     assert_loads_without_plugin(tmp_path / "out", tmp_path / "expected.pt")
+
+
+@pytest.mark.integration
+def test_teacher_cache_hidden_term_and_windows(tmp_path, tiny_llama_dir):
+    modifier = ToMoEModifier(
+        teacher_cache="sampled",
+        teacher_samples=8,
+        hidden_distill_weight=0.5,
+        train_window=16,
+        long_window_every=2,
+        **{**FAST, "epochs": 3},
+    )
+    run_oneshot(tiny_llama_dir, [modifier], batch_size=16)
+    report = modifier.report
+    # one batch of 16 rows, drawn 3 times: the long-window steps repeat the rows
+    assert report["teacher_cache_hits"] >= 1
+    assert all(r["hidden"] > 0 for r in report["history"])

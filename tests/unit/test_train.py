@@ -69,3 +69,66 @@ def test_noise_scale_anneals_to_zero_on_the_last_step():
     assert scales[:5] == [1.0] * 5
     assert scales[-1] == 0.0
     assert all(a >= b for a, b in zip(scales, scales[1:]))
+
+
+@pytest.mark.unit
+def test_forward_logits_equal_the_models_own():
+    from tests.testing_utils import make_model
+    from tomoe_modifier.train import forward_logits
+
+    model = make_model("llama")
+    x = torch.randint(4, 256, (2, 9))
+    with torch.no_grad():
+        hidden, logits = forward_logits(model, x, torch.ones_like(x))
+        assert torch.equal(logits, model(x).logits)
+    assert hidden.shape == (2, 9, 64)
+
+
+@pytest.mark.unit
+def test_sampled_teacher_targets_estimate_the_kl_without_bias():
+    from tomoe_modifier.train import TeacherCache, sampled_distillation
+
+    torch.manual_seed(0)
+    teacher = torch.randn(1, 6, 11) * 2
+    student = torch.randn(1, 6, 11)
+    ids = torch.randint(0, 9, (1, 6))
+    valid = torch.ones(6)
+    exact = distillation_loss(student.reshape(-1, 11), teacher.reshape(-1, 11), valid)
+    cache = TeacherCache(samples=20000, keep_hidden=False)
+    cache.store(ids, teacher, None)
+    (entry,) = cache.lookup(ids)
+    assert entry["samples"].shape == (6, 20000)
+    estimate = sampled_distillation(student, [entry], valid, "cpu")
+    assert estimate.item() == pytest.approx(exact.item(), rel=0.03)
+    assert cache.lookup(torch.zeros(1, 6, dtype=torch.long)) is None
+
+
+@pytest.mark.unit
+def test_hidden_term_is_zero_for_identical_states():
+    from tomoe_modifier.train import hidden_distillation
+
+    h = torch.randn(2, 5, 8)
+    assert hidden_distillation(h, h, torch.ones(10)).item() == 0.0
+    assert hidden_distillation(h * 0, h, torch.ones(10)).item() == pytest.approx(1.0)
+
+
+@pytest.mark.unit
+def test_training_windows_cut_rows_except_every_nth_step():
+    from types import SimpleNamespace
+
+    from tomoe_modifier.train import training_window
+
+    ids = torch.arange(2 * 10).reshape(2, 10)
+    mask = torch.ones_like(ids)
+    settings = SimpleNamespace(train_window=4, long_window_every=3)
+    short, _ = training_window(ids, mask, 0, settings)
+    assert short.tolist() == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [10, 11, 12, 13],
+        [14, 15, 16, 17],
+    ]
+    long, _ = training_window(ids, mask, 2, settings)  # the 3rd step: whole rows
+    assert torch.equal(long, ids)
+    none = SimpleNamespace(train_window=None, long_window_every=0)
+    assert torch.equal(training_window(ids, mask, 0, none)[0], ids)

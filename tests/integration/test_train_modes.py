@@ -1,0 +1,130 @@
+"""The layer-wise training modes inside llm-compressor's sequential pipeline."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tests.testing_utils import (
+    FAST,
+    make_model,
+    run_oneshot,
+    save_model,
+    shipped_recipe,
+)
+from tomoe_modifier import ToMoEModifier, ToMoESparseMLP
+from tomoe_modifier.router import LayerMasks, build_routers
+from tomoe_modifier.train import GatedMLPs
+
+LAYERWISE = dict(FAST, warm_start_tokens=512)
+
+
+def _gated_logits(dense_dir, converted, x):
+    """The dense model run through the training hooks with the converted model's
+    routers and masks: what the layer-wise fits trained."""
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir)
+    moes = [layer.mlp for layer in converted.model.layers]
+    _, routers = build_routers(64, 4, [128, 128], 3.0)
+    for router, moe in zip(routers, moes):
+        router.gate.weight.data.copy_(moe.router.weight)
+    mlps = [layer.mlp for layer in dense.model.layers]
+    gates = GatedMLPs(mlps, [m.down_proj for m in mlps], routers, 1, 0.4)
+    gates.noise = 0.0
+    gates.layer_masks = [LayerMasks(m.expert_blocks.float()) for m in moes]
+    with torch.no_grad(), gates:
+        return dense(x).logits
+
+
+@pytest.mark.integration
+def test_layerwise_conversion_equals_its_own_gates(tmp_path, tiny_llama_dir):
+    modifier = ToMoEModifier(
+        train_mode="layerwise", target_active_ratio=0.6, **LAYERWISE
+    )
+    assert modifier.requires_calibration_data  # runs in the sequential pipeline
+    model = run_oneshot(tiny_llama_dir, [modifier], tmp_path / "out")
+    moes = [layer.mlp for layer in model.model.layers]
+    assert all(isinstance(m, ToMoESparseMLP) for m in moes)
+    assert all(not m.expert_blocks.all() for m in moes), "layers were not fitted"
+    report = modifier.report
+    assert [r["layer"] for r in report["layerwise"]] == [0, 1]
+    assert abs(report["active_ratio_uniform_routing"] - 0.6) < 0.05
+    x = torch.randint(4, 256, (2, 12))
+    with torch.no_grad():
+        converted = model(x).logits
+    assert (converted - _gated_logits(tiny_llama_dir, model, x)).abs().max() < 1e-5
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, converted)
+
+
+@pytest.mark.integration
+def test_offloaded_and_resident_layerwise_runs_give_the_same_checkpoint(tmp_path):
+    from compressed_tensors.offload import load_offloaded_model
+
+    dense_dir = save_model(make_model("llama"), tmp_path / "dense")
+    run_oneshot(
+        dense_dir,
+        [ToMoEModifier(train_mode="layerwise", **LAYERWISE)],
+        tmp_path / "resident",
+        shuffle_calibration_samples=False,  # both runs see the data in one order
+    )
+    with load_offloaded_model():
+        offloaded = AutoModelForCausalLM.from_pretrained(
+            dense_dir,
+            device_map="auto_offload",
+            max_memory={"cpu": 1},  # nothing fits in memory: every layer on disk
+            offload_folder=str(tmp_path / "offload"),
+        )
+    assert any(tmp_path.joinpath("offload").iterdir()), "nothing was offloaded"
+    run_oneshot(
+        offloaded,
+        [ToMoEModifier(train_mode="layerwise", **LAYERWISE)],
+        tmp_path / "disk",
+        shuffle_calibration_samples=False,
+    )
+    resident = load_file(tmp_path / "resident" / "model.safetensors")
+    disk = load_file(tmp_path / "disk" / "model.safetensors")
+    assert resident.keys() == disk.keys()
+    for name in resident:
+        assert torch.equal(resident[name], disk[name]), name
+
+
+@pytest.mark.integration
+def test_layerwise_then_global_improves_on_its_layer_fits(tmp_path, tiny_llama_dir):
+    modifier = ToMoEModifier(
+        train_mode="layerwise_then_global",
+        report_path=str(tmp_path / "report.json"),
+        **LAYERWISE,
+    )
+    run_oneshot(tiny_llama_dir, [modifier], tmp_path / "out")
+    report = json.loads((tmp_path / "report.json").read_text())
+    history = report["history"]
+    assert report["train_mode"] == "layerwise_then_global" and history
+    assert history[-1]["distill_kl"] < history[0]["distill_kl"] * 1.5
+
+
+@pytest.mark.integration
+def test_layerwise_with_gptq_w4a16_quantizes_the_fitted_experts(tmp_path):
+    dense_dir = save_model(
+        make_model("llama", hidden=128, intermediate=512), tmp_path / "dense"
+    )
+    recipe = shipped_recipe(
+        tmp_path,
+        "tomoe_50_w4a16.yaml",
+        iters=4,
+        train_mode="layerwise",
+        warm_start_tokens=512,
+    )
+    model = run_oneshot(dense_dir, recipe, tmp_path / "out")
+    moes = [layer.mlp for layer in model.model.layers]
+    assert all(hasattr(m.gate_up_proj, "quantization_scheme") for m in moes)
+    assert all(not m.expert_blocks.all() for m in moes)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    x = torch.randint(4, 256, (2, 12))
+    with torch.no_grad():
+        expected = model(x).logits
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+        torch.testing.assert_close(reloaded(x).logits, expected)
