@@ -17,6 +17,8 @@ from pathlib import Path
 
 __all__ = [
     "BENCH_META",
+    "series",
+    "tomoe_recipe",
     "common_parser",
     "describe_model",
     "folder_mib",
@@ -30,6 +32,32 @@ __all__ = [
 # Written last by benchmarks.sweep into each model folder: marks a finished run and says
 # what the model is (method, target and achieved active ratio, calibration cost).
 BENCH_META = "bench_meta.json"
+
+
+def tomoe_recipe(path: str | Path, **fields) -> tuple[str, dict]:
+    """A recipe file as YAML text with its ToMoE stage's ``fields`` overridden, and
+    those ToMoE fields (the settings a result records)."""
+    import yaml
+
+    recipe = yaml.safe_load(Path(path).read_text())
+    tomoe = recipe["tomoe_stage"]["tomoe_modifiers"]["ToMoEModifier"]
+    tomoe.update(fields)
+    return yaml.safe_dump(recipe, sort_keys=False), dict(tomoe)
+
+
+def series(model: dict) -> str:
+    """The name a model's row and curve carry: method, expert layout, runtime."""
+    method = model.get("method")
+    if method == "tomoe":
+        layout = model.get("expert_layout") or "paper"
+        if layout == "shared":
+            variant = model.get("variant") or "stock"
+            runtime = "CPU kernel" if variant == "cpu_kernels" else "stock transformers"
+            return f"ToMoE shared ({runtime})"
+        return "ToMoE paper"
+    return {"dense": "dense", "static": "static Wanda-sp", "flap": "static FLAP"}.get(
+        method, str(method)
+    )
 
 
 def common_parser() -> argparse.ArgumentParser:

@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.common import load_json
+from benchmarks.common import load_json, series
 
 STYLE = {
-    "tomoe": {"label": "ToMoE (top-1 MoE)", "color": "tab:blue", "marker": "o"},
-    "static": {"label": "static Wanda-sp", "color": "tab:orange", "marker": "s"},
+    "ToMoE paper": {"color": "tab:blue", "marker": "o"},
+    "ToMoE shared (stock transformers)": {"color": "tab:green", "marker": "^"},
+    "ToMoE shared (CPU kernel)": {"color": "tab:olive", "marker": "v"},
+    "static FLAP": {"color": "tab:red", "marker": "D"},
+    "static Wanda-sp": {"color": "tab:orange", "marker": "s"},
 }
 TASK_TITLES = {"tomoe_wiki_test": "Wikipedia (held out)", "tomoe_news": "news"}
 
@@ -38,23 +41,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def speed_key(speed: dict) -> tuple[str, str]:
+    s = speed["settings"]
+    return s["dtype"], s.get("mode", "eager")
+
+
 def load_results(results: Path, speed: str | None = None) -> tuple[list, list]:
-    """Quality records and the speed records: the newest per dtype, float32 first."""
+    """Quality records and the speed records: the newest per (dtype, mode),
+    float32 and eager first."""
     quality = [load_json(p) for p in sorted((results / "quality").glob("*.json"))]
     if speed:
         return quality, [load_json(speed)]
     files = [load_json(p) for p in results.glob("speed*.json")]
     files.sort(key=lambda r: r.get("finished", ""))
-    newest = {r["settings"]["dtype"]: r for r in files}
-    return quality, [newest[d] for d in sorted(newest, key=lambda d: d != "float32")]
+    newest = {speed_key(r): r for r in files}
+    order = sorted(newest, key=lambda k: (k[0] != "float32", k[1] != "eager"))
+    return quality, [newest[k] for k in order]
 
 
 def speed_plot_name(speed: dict) -> str:
-    return f"speedup_vs_active_ratio_{speed['settings']['dtype']}.png"
+    dtype, mode = speed_key(speed)
+    return f"speedup_vs_active_ratio_{dtype}_{mode}.png"
 
 
 def _series(rows: list[tuple[str, float, float]]):
-    """Per method (ToMoE first), points sorted by active ratio."""
+    """Per series (ToMoE first), points sorted by active ratio."""
     out: dict[str, tuple[list, list]] = {m: ([], []) for m in STYLE}
     for method, x, y in sorted(rows, key=lambda r: r[1]):
         xs, ys = out.setdefault(method, ([], []))
@@ -82,9 +93,9 @@ def plot_quality(quality: list, metric: str, path: Path) -> Path | None:
             if model["method"] == "dense":
                 dense = value
             elif model.get("active_ratio") is not None:
-                rows.append((model["method"], model["active_ratio"], value))
-        for method, (xs, ys) in _series(rows).items():
-            ax.plot(xs, ys, linestyle="-", **STYLE.get(method, {"label": method}))
+                rows.append((series(model), model["active_ratio"], value))
+        for name, (xs, ys) in _series(rows).items():
+            ax.plot(xs, ys, linestyle="-", label=name, **STYLE.get(name, {}))
         if dense is not None:
             ax.axhline(
                 dense, color="black", linestyle="--", label=f"dense ({dense:.2f})"
@@ -109,20 +120,25 @@ def plot_speed(speed: dict, path: Path) -> Path | None:
     panels = [
         ("decode_b1_tps", "decode, batch 1"),
         ("decode_bn_tps", f"decode, batch {batch}"),
-        ("prefill_tps", f"prefill {speed['settings']['prefill_tokens']} tokens"),
     ]
+    if speed["settings"].get("mode", "eager") == "eager":
+        panels.append(
+            ("prefill_tps", f"prefill {speed['settings']['prefill_tokens']} tokens")
+        )
     candidates = [m for m in speed["models"] if m["role"] == "candidate"]
     if not candidates:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5 * len(panels), 4), squeeze=False
+    )
     for ax, (metric, title) in zip(axes[0], panels):
         rows = [
-            (m["method"], m["active_ratio"], m["speedup_vs_dense"][metric])
+            (series(m), m["active_ratio"], m["speedup_vs_dense"][metric])
             for m in candidates
             if m.get("active_ratio") is not None
         ]
-        for method, (xs, ys) in _series(rows).items():
-            ax.plot(xs, ys, linestyle="-", **STYLE.get(method, {"label": method}))
+        for name, (xs, ys) in _series(rows).items():
+            ax.plot(xs, ys, linestyle="-", label=name, **STYLE.get(name, {}))
         ax.axhline(1.0, color="black", linestyle="--", label="dense")
         ax.set_title(title)
         ax.set_xlabel("active attention+MLP parameters / dense")
@@ -132,7 +148,8 @@ def plot_speed(speed: dict, path: Path) -> Path | None:
     s = speed["settings"]
     fig.suptitle(
         f"Speed-up vs dense on {speed['machine']['cpu_capability']} CPU, "
-        f"{s['threads']} threads, {s['dtype']}, median of {s['rounds']} rounds"
+        f"{s['threads']} threads, {s['dtype']}, {s.get('mode', 'eager')}, median of "
+        f"{s['rounds']} rounds"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=130)

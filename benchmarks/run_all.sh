@@ -8,8 +8,11 @@
 # recipes/tomoe_50.yaml, whose target ratio alone the sweep changes; resumes
 # finished runs; IMPORT_TOMOE reuses finished examples/smollm2_tomoe.py outputs
 # trained with the same settings) -> quality (lm-eval perplexity, context 512,
-# float32) -> speed (decode and prefill vs dense, float32 and bfloat16) -> decode
-# profile -> plot -> report (benchmarks/RESULTS.md + PNGs). About 30 minutes per
+# float32) -> speed (decode and prefill vs dense, float32 and bfloat16, eager and
+# compiled (COMPILE=0 skips; COMPILED_RATIO picks the models, default p50), the
+# shared layout also through the CPU kernel) -> decode profile -> plot -> report
+# (benchmarks/RESULTS.md + PNGs). Methods: SWEEP_ARGS="--methods tomoe shared static
+# flap" (the default). About 30 minutes per
 # ToMoE model on a 2-core CPU, plus about an hour of evaluation. For a smoke test
 # on a tiny model, set MODEL (dense folder), RECIPE, REPORT_DIR and extra flags in
 # SWEEP_ARGS / QUALITY_ARGS / SPEED_ARGS / PROFILE_ARGS
@@ -43,15 +46,28 @@ python -m benchmarks.sweep --model "$DENSE" --recipe "$RECIPE" --out-root "$ROOT
   "${IMPORT_ARGS[@]}" "${SWEEP_EXTRA[@]}"
 
 MODELS=("$DENSE")
-for dir in "$ROOT"/models/tomoe-p* "$ROOT"/models/static-p*; do
+for dir in "$ROOT"/models/{tomoe,shared,flap,static}-p*; do
   if [ -f "$dir/bench_meta.json" ]; then MODELS+=("$dir"); fi
+done
+# speed: every model but FLAP (a quality baseline; Wanda-sp is the deployable
+# static model) eagerly; the models at the compiled ratio also compiled
+SPEED_MODELS=("$DENSE")
+COMPILED_MODELS=("$DENSE")
+for dir in "$ROOT"/models/{tomoe,shared,static}-p*; do
+  if [ -f "$dir/bench_meta.json" ]; then SPEED_MODELS+=("$dir"); fi
+  case "$dir" in *-p"${COMPILED_RATIO:-50}") COMPILED_MODELS+=("$dir");; esac
 done
 
 python -m benchmarks.quality "${MODELS[@]}" --out-dir "$ROOT/results/quality" \
   "${QUALITY_EXTRA[@]}"
 for dtype in $DTYPES; do
-  python -m benchmarks.speed "${MODELS[@]}" --rounds "$ROUNDS" --dtype "$dtype" \
-    --out "$ROOT/results/speed-$dtype.json" "${SPEED_EXTRA[@]}"
+  python -m benchmarks.speed "${SPEED_MODELS[@]}" --rounds "$ROUNDS" --dtype "$dtype" \
+    --cpu-kernels --out "$ROOT/results/speed-$dtype-eager.json" "${SPEED_EXTRA[@]}"
+  if [ "${COMPILE:-1}" = 1 ]; then
+    python -m benchmarks.speed "${COMPILED_MODELS[@]}" --rounds "$ROUNDS" \
+      --dtype "$dtype" --mode compiled --cpu-kernels --no-memory \
+      --out "$ROOT/results/speed-$dtype-compiled.json" "${SPEED_EXTRA[@]}"
+  fi
 done
 TOMOE_MODELS=()
 for dir in "$ROOT"/models/tomoe-p*; do

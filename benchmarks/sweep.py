@@ -12,11 +12,17 @@ For each target active ratio p (attention+MLP parameters per token over dense):
   settings of ``examples/smollm2_tomoe.py``) -> ``OUT/models/tomoe-pNN``. Its
   active ratio is then measured on ``--stats-windows`` held-out validation windows
   of 512 tokens.
+- ToMoE in the shared layout (``--methods shared``), the same with
+  ``--shared-recipe`` (``recipes/tomoe_50_shared.yaml``) -> ``OUT/models/shared-pNN``,
+  a stock Qwen2-MoE checkpoint.
 - The static Wanda-sp baseline (``tomoe_modifier.baselines``): the same calibration
   set (its first ``--baseline-samples`` chunks; ToMoE samples from all of it), a
   uniform MLP width for p rounded to the recipe's ``width_multiple`` ->
   ``OUT/models/static-pNN``, a plain ``LlamaForCausalLM``. Channel scores do not
   depend on p: computed once, cached.
+- The static FLAP baseline (``--methods flap``): fluctuation scores on the same
+  chunks, per-layer widths from one global ranking, bias compensation ->
+  ``OUT/models/flap-pNN`` (the ToMoE architecture with one expert per layer).
 
 ``--import-tomoe DIR ...`` takes finished ``examples/smollm2_tomoe.py`` outputs
 instead of retraining them: a folder whose ``results.json`` settings match the
@@ -44,6 +50,7 @@ from benchmarks.common import (
     load_json,
     now,
     run_header,
+    tomoe_recipe,
     write_json,
 )
 
@@ -58,8 +65,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.strip().split("\n\n")[0], parents=[common_parser()]
     )
     p.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.6, 0.5, 0.4])
-    p.add_argument("--methods", nargs="+", default=["tomoe", "static"])
+    p.add_argument(
+        "--methods", nargs="+", default=["tomoe", "shared", "static", "flap"]
+    )
     p.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="ToMoE recipe")
+    p.add_argument(
+        "--shared-recipe",
+        default=str(DEFAULT_RECIPE.with_name("tomoe_50_shared.yaml")),
+        help="ToMoE recipe of the shared layout",
+    )
     p.add_argument("--model", help="dense model folder (default: SmolLM2 cache)")
     p.add_argument("--out-root", default="outputs/bench")
     p.add_argument("--seq-len", type=int, default=128)
@@ -73,9 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stats-split", default="wiki_validation")
     p.add_argument("--force", action="store_true", help="redo finished runs")
     args = p.parse_args(argv)
-    unknown = set(args.methods) - {"tomoe", "static"}
+    unknown = set(args.methods) - {"tomoe", "shared", "static", "flap"}
     if unknown:
-        p.error(f"unknown methods {sorted(unknown)}; use tomoe and/or static")
+        p.error(f"unknown methods {sorted(unknown)}; use tomoe, shared, static, flap")
     return args
 
 
@@ -166,8 +180,33 @@ def run_static(args, ratio, model_dir, tokenizer, scores: StaticScores, out: Pat
     }
 
 
-def tomoe_meta(args, ratio, out: Path, stats_windows, report: dict, wall: float):
+def run_flap(args, ratio, model_dir, tokenizer, dataset, out: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tomoe_modifier.baselines import flap_prune, iter_batches
+
+    rows = dataset.select(range(min(args.baseline_samples, len(dataset))))
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model, report = flap_prune(model, iter_batches(rows, args.batch_size), ratio)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {
+        "method": "flap",
+        "target_active_ratio": ratio,
+        "active_ratio": report["active_ratio"],
+        "active_ratio_worst_case": report["active_ratio"],
+        "widths": report["widths"],
+        "calibration_tokens": report["tokens"],
+        "calibration_samples": report["samples"],
+        "calibration_wall_s": round(time.perf_counter() - t0, 2),
+    }
+
+
+def tomoe_meta(args, ratio, out, stats_windows, report, wall, recipe=None):
     """bench_meta of a ToMoE folder: its active ratio measured on held-out text."""
+    recipe = recipe or args.recipe
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -178,6 +217,7 @@ def tomoe_meta(args, ratio, out: Path, stats_windows, report: dict, wall: float)
     active = active_parameter_stats(model, batches)
     return {
         "method": "tomoe",
+        "expert_layout": report.get("expert_layout", "paper"),
         "target_active_ratio": ratio,
         "active_ratio": active["active_ratio_mean"],
         "active_ratio_worst_observed": active["active_ratio_worst_observed"],
@@ -185,30 +225,29 @@ def tomoe_meta(args, ratio, out: Path, stats_windows, report: dict, wall: float)
         "active_ratio_uniform_routing": report.get("active_ratio_uniform_routing"),
         "active_stats_tokens": active["tokens"],
         "expert_usage": active["expert_usage"],
-        "union_sizes": report["union_sizes"],
+        "union_sizes": report.get("union_sizes"),
         "calibration_tokens": report["tokens"],
         "train_s": report["train_seconds"],
         "calibration_wall_s": round(wall, 2),
         "compute_dtype": report["compute_dtype"],
-        "tomoe": {**recipe_fields(args.recipe), "target_active_ratio": ratio},
+        "tomoe": {**recipe_fields(recipe), "target_active_ratio": ratio},
     }
 
 
-def run_tomoe(args, ratio, model_dir, dataset, stats_windows, out: Path):
-    import yaml
+def run_tomoe(args, ratio, model_dir, dataset, stats_windows, out: Path, recipe):
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
 
     report_path = out / "tomoe_report.json"
-    recipe = yaml.safe_load(Path(args.recipe).read_text())
-    fields = recipe["tomoe_stage"]["tomoe_modifiers"]["ToMoEModifier"]
-    fields.update(target_active_ratio=ratio, report_path=str(report_path))
+    text, _ = tomoe_recipe(
+        recipe, target_active_ratio=ratio, report_path=str(report_path)
+    )
     active_session().reset()
     t0 = time.perf_counter()
     oneshot(
         model=str(model_dir),
         dataset=dataset,
-        recipe=yaml.safe_dump(recipe, sort_keys=False),
+        recipe=text,
         max_seq_length=args.seq_len,
         num_calibration_samples=args.num_calibration_samples,
         batch_size=args.batch_size,
@@ -216,7 +255,8 @@ def run_tomoe(args, ratio, model_dir, dataset, stats_windows, out: Path):
     )
     wall = time.perf_counter() - t0
     active_session().reset()
-    return tomoe_meta(args, ratio, out, stats_windows, load_json(report_path), wall)
+    report = load_json(report_path)
+    return tomoe_meta(args, ratio, out, stats_windows, report, wall, recipe)
 
 
 def import_tomoe(args, folder: Path, root: Path, stats_windows) -> tuple[float, dict]:
@@ -295,8 +335,11 @@ def main(argv=None) -> None:
             out.mkdir(parents=True, exist_ok=True)
             if method == "tomoe" and ratio in imported:
                 meta = imported[ratio]
-            elif method == "tomoe":
-                meta = run_tomoe(args, ratio, model_dir, dataset, windows, out)
+            elif method in ("tomoe", "shared"):
+                recipe = args.recipe if method == "tomoe" else args.shared_recipe
+                meta = run_tomoe(args, ratio, model_dir, dataset, windows, out, recipe)
+            elif method == "flap":
+                meta = run_flap(args, ratio, model_dir, tokenizer, dataset, out)
             else:
                 meta = run_static(args, ratio, model_dir, tokenizer, scores, out)
             meta.update(

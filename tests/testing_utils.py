@@ -74,8 +74,8 @@ def make_model(
     vocab_size: int = VOCAB_SIZE,
     **config_kwargs,
 ):
-    """A tiny random decoder of ``family`` whose weights are wide enough (std 0.08)
-    that routing and masking change its logits visibly."""
+    """A tiny random decoder of ``family`` whose weights and biases are wide enough
+    (std 0.08) that routing and masking change its logits visibly."""
     config_cls, model_cls = FAMILIES[family]
     config = config_cls(
         vocab_size=vocab_size,
@@ -88,14 +88,13 @@ def make_model(
         pad_token_id=1,
         bos_token_id=2,
         eos_token_id=3,
-        tie_word_embeddings=False,
-        **config_kwargs,
+        **{"tie_word_embeddings": False, **config_kwargs},
     )
     torch.manual_seed(seed)
     model = model_cls(config)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
+        for name, p in model.named_parameters():
+            if p.dim() == 2 or name.endswith("bias"):  # qwen2's q/k/v biases
                 p.normal_(0, 0.08)
     return model.eval()
 
@@ -141,31 +140,71 @@ def shipped_recipe(tmp_path, name: str, iters: int = 4, **overrides) -> str:
     fields = recipe["tomoe_stage"]["tomoe_modifiers"]["ToMoEModifier"]
     fields.update(iters=iters, **overrides)
     path = Path(tmp_path) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))  # keep stage order
     return str(path)
 
 
-def assert_loads_without_plugin(out, expected_pt) -> None:
-    """Load ``out`` with trust_remote_code in a fresh process that never imports
-    tomoe_modifier, and compare its logits with ``expected_pt`` ({"x", "logits"})."""
-    tmp = Path(expected_pt).parent
+def assert_cached_decoding_matches(model, prompt: torch.Tensor, new_tokens: int):
+    """Greedy decoding with the KV cache gives the logits of one full forward."""
+    with torch.no_grad():
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=1,
+        )
+        full = model(out.sequences).logits  # one forward, no cache
+    start = prompt.shape[1] - 1
+    cached = torch.stack(out.logits, dim=1)  # one token at a time
+    torch.testing.assert_close(cached, full[:, start:-1], atol=1e-4, rtol=1e-4)
+    assert torch.equal(out.sequences[:, start + 1 :], full[:, start:-1].argmax(-1))
+
+
+def fresh_process_logits(
+    folder, x: torch.Tensor, workdir, trust_remote_code: bool = False
+) -> tuple[torch.Tensor, str]:
+    """Logits of ``folder`` on ``x``, loaded by ``AutoModelForCausalLM`` in a fresh
+    process that never imports tomoe_modifier; also the loaded class's module and
+    name (``transformers_modules...`` for remote code)."""
+    workdir = Path(workdir)
+    torch.save(x, workdir / "fresh_x.pt")
     script = f"""
 import sys, torch
 from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+m = AutoModelForCausalLM.from_pretrained(
+    {str(folder)!r}, trust_remote_code={trust_remote_code!r}
+)
 assert "tomoe_modifier" not in sys.modules, "plugin must not be imported"
-e = torch.load({str(expected_pt)!r})
 with torch.no_grad():
-    torch.testing.assert_close(m(e["x"]).logits, e["logits"])
-print("OK", type(m).__module__)
+    logits = m(torch.load({str(workdir / "fresh_x.pt")!r})).logits
+torch.save(logits, {str(workdir / "fresh_logits.pt")!r})
+print("LOADED", type(m).__module__, type(m).__name__)
 """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(workdir)}
     result = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
         text=True,
         env=env,
-        cwd=tmp,
+        cwd=workdir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "OK transformers_modules" in result.stdout
+    line = next(x for x in result.stdout.splitlines() if x.startswith("LOADED"))
+    _, module, name = line.split()
+    return torch.load(workdir / "fresh_logits.pt"), f"{module}.{name}"
+
+
+def assert_loads_without_plugin(out, expected_pt) -> None:
+    """Load ``out`` with trust_remote_code in a fresh process that never imports
+    tomoe_modifier, and compare its logits with ``expected_pt`` ({"x", "logits"})."""
+    expected = torch.load(expected_pt)
+    logits, loaded = fresh_process_logits(
+        out, expected["x"], Path(expected_pt).parent, trust_remote_code=True
+    )
+    assert loaded.startswith("transformers_modules"), loaded
+    torch.testing.assert_close(logits, expected["logits"])

@@ -31,6 +31,7 @@ from torch import nn
 
 from tomoe_modifier.budget import count_budget
 from tomoe_modifier.mappings import MLPLayout, get_layout
+from tomoe_modifier.passes import hooked, run_batches
 
 __all__ = [
     "channel_scores",
@@ -86,25 +87,19 @@ def down_input_moments(model: nn.Module, batches: Iterable[dict]) -> dict:
 
         return accumulate
 
-    handles = [d.register_forward_pre_hook(hook(i)) for i, d in enumerate(downs)]
+    def note_padding(ids, mask):
+        valid[0] = mask.reshape(-1).bool()
+
     device = next(model.parameters()).device
     backbone = model.get_submodule(layout.layers.rsplit(".", 1)[0])
-    tokens = samples = 0
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
-            ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask")
-            mask = torch.ones_like(ids) if mask is None else mask.to(device)
-            valid[0] = mask.reshape(-1).bool()
-            backbone(input_ids=ids, attention_mask=mask, use_cache=False)
-            tokens += int(mask.sum())
-            samples += ids.shape[0]
+        with hooked((d, "forward_pre", hook(i)) for i, d in enumerate(downs)):
+            seen = run_batches(backbone, batches, device, before=note_padding)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
+    tokens, samples = seen["tokens"], seen["samples"]
     if tokens == 0:
         raise ValueError(
             "the baseline saw no calibration tokens; pass batches with input_ids "

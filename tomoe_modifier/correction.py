@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tomoe_modifier.distributed import sum_across_ranks
+from tomoe_modifier.passes import hooked, run_batches
 from tomoe_modifier.router import LayerMasks, LayerRouter
 
 __all__ = ["expert_output_biases"]
@@ -61,24 +62,13 @@ def expert_output_biases(
 
         return hook
 
-    handles = [m.register_forward_pre_hook(route(i)) for i, m in enumerate(mlps)]
-    handles += [
-        d.register_forward_pre_hook(accumulate(i)) for i, d in enumerate(down_projs)
-    ]
-    seen = 0
-    try:
-        for batch in loader:
-            ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask")
-            mask = torch.ones_like(ids) if mask is None else mask.to(device)
-            valid[0] = mask.reshape(-1).double()
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-            seen += int(mask.sum())
-            if seen >= num_tokens:
-                break
-    finally:
-        for h in handles:
-            h.remove()
+    def note_padding(ids, mask):
+        valid[0] = mask.reshape(-1).double()
+
+    hooks = [(m, "forward_pre", route(i)) for i, m in enumerate(mlps)]
+    hooks += [(d, "forward_pre", accumulate(i)) for i, d in enumerate(down_projs)]
+    with hooked(hooks):
+        run_batches(model, loader, device, max_tokens=num_tokens, before=note_padding)
     biases = []
     for total, count, layer_masks, down in zip(sums, counts, masks, down_projs):
         total, count = sum_across_ranks(total), sum_across_ranks(count)

@@ -8,6 +8,7 @@ from torch import nn
 from tomoe_modifier.budget import count_budget
 from tomoe_modifier.mappings import get_layout
 from tomoe_modifier.modeling_tomoe import ToMoESparseMLP
+from tomoe_modifier.passes import hooked, run_batches
 
 __all__ = ["active_parameter_stats", "active_ratio_on_text", "peak_rss_mib"]
 
@@ -85,34 +86,31 @@ def active_parameter_stats(model: nn.Module, batches) -> dict:
 
         return hook
 
-    handles = []
-    for i, moe in enumerate(moes):
-        if isinstance(moe, ToMoESparseMLP):
-            handles.append(moe.register_forward_pre_hook(capture_tomoe(i)))
-        else:
-            handles.append(moe.gate.register_forward_hook(capture_stock(i)))
+    hooks = [
+        (moe, "forward_pre", capture_tomoe(i))
+        if isinstance(moe, ToMoESparseMLP)
+        else (moe.gate, "forward", capture_stock(i))
+        for i, moe in enumerate(moes)
+    ]
     valid_masks = []
     device = next(model.parameters()).device
-    try:
-        for batch in batches:
-            ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask")
-            mask = torch.ones_like(ids) if mask is None else mask.to(device)
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-            valid_masks.append(mask.reshape(-1).bool().cpu())
-    finally:
-        for h in handles:
-            h.remove()
+    with hooked(hooks):
+        run_batches(
+            model,
+            batches,
+            device,
+            before=lambda ids, mask: valid_masks.append(mask.reshape(-1).bool().cpu()),
+        )
     valid = torch.cat(valid_masks)
     expert_ids = [torch.cat(chosen)[valid] for chosen in choices]
     widths = [_expert_widths(moe) for moe in moes]
     per_token = budget.token_params(expert_ids, widths)
     usage = [
         (
-            torch.bincount(ids, minlength=moe.num_experts).double()
+            torch.bincount(ids, minlength=len(expert_widths)).double()
             / max(1, ids.numel())
         ).tolist()
-        for ids, moe in zip(expert_ids, moes)
+        for ids, expert_widths in zip(expert_ids, widths)
     ]
     return {
         "active_ratio_mean": float(per_token.mean() / budget.dense_total),

@@ -19,6 +19,8 @@ import time
 import torch
 from loguru import logger
 
+from tomoe_modifier.passes import hooked, run_batches
+
 __all__ = [
     "KEEP_MARGIN",
     "ROUTER_LOGIT_SPREAD",
@@ -150,25 +152,10 @@ def collect_mlp_statistics(
 
         return hook
 
-    handles = [
-        m.register_forward_pre_hook(capture_input(i)) for i, m in enumerate(mlps)
-    ]
-    handles += [
-        d.register_forward_pre_hook(capture_energy(i)) for i, d in enumerate(down_projs)
-    ]
-    seen = 0
-    try:
-        for batch in loader:
-            ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask")
-            mask = torch.ones_like(ids) if mask is None else mask.to(device)
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-            seen += int(mask.sum())
-            if seen >= max_tokens:
-                break
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = [(m, "forward_pre", capture_input(i)) for i, m in enumerate(mlps)]
+    hooks += [(d, "forward_pre", capture_energy(i)) for i, d in enumerate(down_projs)]
+    with hooked(hooks):
+        run_batches(model, loader, device, max_tokens=max_tokens)
     return [
         (torch.cat(x)[:max_tokens], torch.cat(e)[:max_tokens])
         for x, e in zip(inputs, energies)

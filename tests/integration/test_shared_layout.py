@@ -2,16 +2,19 @@
 and quantized with GPTQ W4A16 in the same recipe, loaded by plain transformers."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from tests.testing_utils import make_model, run_oneshot, save_model, shipped_recipe
+from tests.testing_utils import (
+    fresh_process_logits,
+    make_model,
+    run_oneshot,
+    save_model,
+    shipped_recipe,
+)
 
 # hidden 128 (a multiple of the W4A16 group of 64); shared and routed widths come
 # out as multiples of 64 within the 1024-wide MLP
@@ -26,29 +29,11 @@ def _run(tmp_path, recipe):
 
 
 def _stock_logits(folder: Path, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
-    """Logits of ``folder`` loaded in a fresh process with plain transformers: no
-    tomoe_modifier, no trust_remote_code."""
-    torch.save(x, tmp_path / "x.pt")
-    script = f"""
-import sys, torch
-from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained({str(folder)!r})
-assert "tomoe_modifier" not in sys.modules
-assert type(m).__name__ == "Qwen2MoeForCausalLM", type(m).__name__
-with torch.no_grad():
-    torch.save(m(torch.load({str(tmp_path / "x.pt")!r})).logits,
-               {str(tmp_path / "stock.pt")!r})
-"""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(tmp_path / "stock.pt")
+    """Logits with plain transformers in a fresh process (no plugin, no remote
+    code), checking that it loads the stock class."""
+    logits, loaded = fresh_process_logits(folder, x, tmp_path)
+    assert loaded.endswith(".Qwen2MoeForCausalLM"), loaded
+    return logits
 
 
 @pytest.mark.integration

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.testing_utils import make_model
+from tests.testing_utils import assert_cached_decoding_matches, make_model
 from tomoe_modifier.budget import count_budget
 from tomoe_modifier.convert import (
     convert_model,
@@ -72,21 +72,7 @@ def test_pruned_attention_decodes_with_the_kv_cache_and_reloads(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, x, _, _ = _pruned("llama")
-    prompt = x[:2, :7]
-    with torch.no_grad():
-        out = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=8,
-            min_new_tokens=8,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=1,
-        )
-        full = model(out.sequences).logits
-    cached = torch.stack(out.logits, dim=1)
-    torch.testing.assert_close(cached, full[:, 6:-1], atol=1e-4, rtol=1e-4)
+    assert_cached_decoding_matches(model, x[:2, :7], 8)
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     with torch.no_grad():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.testing_utils import make_model
+from tests.testing_utils import assert_cached_decoding_matches, make_model
 from tomoe_modifier.convert import convert_model, final_layer_masks, order_union_blocks
 from tomoe_modifier.mappings import get_layout
 from tomoe_modifier.router import ExpertHypernetwork, LayerMasks, LayerRouter
@@ -89,19 +89,4 @@ def test_order_union_blocks_keeps_the_widest_expert_contiguous():
 @pytest.mark.parametrize("block", [1, 16])
 def test_kv_cache_decoding_equals_full_forward(block):
     model = _converted(block=block)
-    prompt = torch.randint(4, 256, (2, 7))
-    with torch.no_grad():
-        out = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=12,
-            min_new_tokens=12,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=1,
-        )
-        full = model(out.sequences).logits  # one forward, no cache
-    cached = torch.stack(out.logits, dim=1)  # [B, 12, V], one token at a time
-    torch.testing.assert_close(cached, full[:, 6:-1], atol=1e-4, rtol=1e-4)
-    assert torch.equal(out.sequences[:, 7:], full[:, 6:-1].argmax(-1))
+    assert_cached_decoding_matches(model, torch.randint(4, 256, (2, 7)), 12)

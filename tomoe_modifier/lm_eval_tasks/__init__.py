@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 DEFAULT_TASKS = ("tomoe_wiki_test", "tomoe_news")
-OWN_TASKS = frozenset({*DEFAULT_TASKS, "tomoe_ppl"})
+OWN_TASKS = frozenset({*DEFAULT_TASKS, "tomoe_wiki_validation", "tomoe_ppl"})
 EVAL_CONTEXT = 512
 _METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 

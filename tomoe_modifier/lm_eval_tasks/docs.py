@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-__all__ = ["load_docs", "news", "wiki_test"]
+__all__ = ["load_docs", "news", "wiki_test", "wiki_validation"]
 
 
 def load_docs(split: str):
@@ -37,6 +37,11 @@ def load_docs(split: str):
 def wiki_test(**_ignored):
     """Held-out Wikipedia articles (split by article from the calibration text)."""
     return load_docs("wiki_test")
+
+
+def wiki_validation(**_ignored):
+    """Held-out Wikipedia validation articles (tuning and ablations)."""
+    return load_docs("wiki_validation")
 
 
 def news(**_ignored):
