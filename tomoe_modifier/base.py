@@ -42,6 +42,23 @@ from tomoe_modifier.warm_start import (
 __all__ = ["ToMoEModifier"]
 
 
+# the smallest value each numeric field accepts (None stays allowed where it is
+# the default)
+LOWER_BOUNDS = {
+    "num_experts": 2,
+    "width_multiple": 1,
+    "mask_block_size": 1,
+    "epochs": 1,
+    "iters": 1,
+    "log_every": 1,
+    "warm_start_tokens": 1,
+    "teacher_samples": 1,
+    "train_window": 2,
+    "long_window_every": 0,
+    "hidden_distill_weight": 0,
+}
+
+
 class ToMoEModifier(Modifier):
     """
     Convert each targeted dense MLP into a top-1 mixture of experts whose experts are
@@ -200,11 +217,17 @@ class ToMoEModifier(Modifier):
     def _as_list(cls, value):
         return [value] if isinstance(value, str) else value
 
-    @field_validator("num_experts")
+    @field_validator(*LOWER_BOUNDS)
     @classmethod
-    def _check_num_experts(cls, value: int) -> int:
-        if value < 2:
-            raise ValueError(f"num_experts must be >= 2, got {value}")
+    def _check_lower_bound(cls, value, info):
+        low = LOWER_BOUNDS[info.field_name]
+        if value is not None and value < low:
+            optional = (
+                " or None" if cls.model_fields[info.field_name].default is None else ""
+            )
+            raise ValueError(
+                f"{info.field_name} must be >= {low}{optional}, got {value}"
+            )
         return value
 
     @field_validator("target_active_ratio")
@@ -214,46 +237,11 @@ class ToMoEModifier(Modifier):
             raise ValueError(f"target_active_ratio must be in (0, 1], got {value}")
         return value
 
-    @field_validator(
-        "width_multiple",
-        "mask_block_size",
-        "epochs",
-        "log_every",
-        "warm_start_tokens",
-        "teacher_samples",
-    )
-    @classmethod
-    def _check_positive(cls, value: int, info) -> int:
-        if value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
-        return value
-
-    @field_validator("train_window")
-    @classmethod
-    def _check_window(cls, value: int | None) -> int | None:
-        if value is not None and value < 2:
-            raise ValueError(f"train_window must be >= 2 or None, got {value}")
-        return value
-
-    @field_validator("long_window_every", "hidden_distill_weight")
-    @classmethod
-    def _check_non_negative(cls, value, info):
-        if value < 0:
-            raise ValueError(f"{info.field_name} must be >= 0, got {value}")
-        return value
-
     @field_validator("noise_anneal")
     @classmethod
     def _check_fraction(cls, value: float) -> float:
         if not 0 <= value <= 1:
             raise ValueError(f"noise_anneal must be in [0, 1], got {value}")
-        return value
-
-    @field_validator("iters")
-    @classmethod
-    def _check_iters(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"iters must be >= 1 or None, got {value}")
         return value
 
     @model_validator(mode="after")
@@ -352,18 +340,22 @@ class ToMoEModifier(Modifier):
         self._write_report()
         return True
 
+    def _new_routers(self, model: nn.Module, plan: "_Plan"):
+        """The hypernetwork and one router per converted MLP (seed first)."""
+        return build_routers(
+            model.config.hidden_size,
+            self.num_experts,
+            [plan.width(m) // self.mask_block_size for m in plan.mlps],
+            self.mask_offset,
+            plan.device,
+            shared=plan.shared_blocks,
+        )
+
     def _train(self, model: nn.Module, plan: "_Plan"):
         """Build, warm-start and train the routers; return them, the noise-free
         expert masks and the training history."""
         with _seeded(self.seed, plan.device):
-            hypernet, routers = build_routers(
-                model.config.hidden_size,
-                self.num_experts,
-                [plan.width(m) // self.mask_block_size for m in plan.mlps],
-                self.mask_offset,
-                plan.device,
-                shared=plan.shared_blocks,
-            )
+            hypernet, routers = self._new_routers(model, plan)
             attentions, pruners = None, None
             if self.attention_pruning:
                 attentions = plan.attentions
@@ -441,13 +433,7 @@ class ToMoEModifier(Modifier):
                 "quantizer has attached to them); use train_mode: global"
             )
         with _seeded(self.seed, plan.device):
-            hypernet, routers = build_routers(
-                model.config.hidden_size,
-                self.num_experts,
-                [plan.width(m) // self.mask_block_size for m in plan.mlps],
-                self.mask_offset,
-                plan.device,
-            )
+            hypernet, routers = self._new_routers(model, plan)
         hidden = model.config.hidden_size
         holders = []
         for _ in plan.indices:

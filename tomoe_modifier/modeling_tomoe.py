@@ -14,6 +14,8 @@ Dimension legend: T tokens, D hidden, U union width, E experts, B block size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -717,100 +719,65 @@ def _without_mlp_entries(plan: dict | None) -> dict:
     return {k: v for k, v in (plan or {}).items() if ".mlp." not in k}
 
 
-class ToMoELlamaConfig(LlamaConfig):
-    """LlamaConfig plus the per-layer ToMoE expert layout."""
+@dataclass(repr=False)
+class _ToMoEConfigFields:
+    """The per-layer ToMoE expert layout every ToMoE config adds to its family's."""
 
+    num_experts: int = 8
+    num_experts_per_tok: int = 1
+    moe_block_size: int = 64
+    moe_union_sizes: list | None = None
+    moe_expert_bias: bool = False
+    moe_qk_dims: list | None = None
+
+
+class _ToMoEModel:
+    """A family's causal LM with its MLPs (and pruned q/k) replaced as the config
+    says; the routers stay fp32 whatever dtype the model loads in."""
+
+    _keep_in_fp32_modules = ["router", "shared_gate"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        _replace_mlps(self, config)
+        _replace_attention(self, config)
+        self.post_init()
+
+
+class ToMoELlamaConfig(_ToMoEConfigFields, LlamaConfig):
     model_type = "tomoe_llama"
     base_model_tp_plan = _without_mlp_entries(LlamaConfig.base_model_tp_plan)
-    num_experts: int = 8
-    num_experts_per_tok: int = 1
-    moe_block_size: int = 64
-    moe_union_sizes: list | None = None
-    moe_expert_bias: bool = False
-    moe_qk_dims: list | None = None
 
 
-class ToMoELlamaForCausalLM(LlamaForCausalLM):
+class ToMoELlamaForCausalLM(_ToMoEModel, LlamaForCausalLM):
     config_class = ToMoELlamaConfig
-    _keep_in_fp32_modules = ["router", "shared_gate"]
-
-    def __init__(self, config):
-        super().__init__(config)
-        _replace_mlps(self, config)
-        _replace_attention(self, config)
-        self.post_init()
 
 
-class ToMoEMistralConfig(MistralConfig):
-    """MistralConfig plus the per-layer ToMoE expert layout."""
-
+class ToMoEMistralConfig(_ToMoEConfigFields, MistralConfig):
     model_type = "tomoe_mistral"
     base_model_tp_plan = _without_mlp_entries(MistralConfig.base_model_tp_plan)
-    num_experts: int = 8
-    num_experts_per_tok: int = 1
-    moe_block_size: int = 64
-    moe_union_sizes: list | None = None
-    moe_expert_bias: bool = False
-    moe_qk_dims: list | None = None
 
 
-class ToMoEMistralForCausalLM(MistralForCausalLM):
+class ToMoEMistralForCausalLM(_ToMoEModel, MistralForCausalLM):
     config_class = ToMoEMistralConfig
-    _keep_in_fp32_modules = ["router", "shared_gate"]
-
-    def __init__(self, config):
-        super().__init__(config)
-        _replace_mlps(self, config)
-        _replace_attention(self, config)
-        self.post_init()
 
 
-class ToMoEQwen2Config(Qwen2Config):
-    """Qwen2Config plus the per-layer ToMoE expert layout."""
-
+class ToMoEQwen2Config(_ToMoEConfigFields, Qwen2Config):
     model_type = "tomoe_qwen2"
     base_model_tp_plan = _without_mlp_entries(Qwen2Config.base_model_tp_plan)
-    num_experts: int = 8
-    num_experts_per_tok: int = 1
-    moe_block_size: int = 64
-    moe_union_sizes: list | None = None
-    moe_expert_bias: bool = False
-    moe_qk_dims: list | None = None
 
 
-class ToMoEQwen2ForCausalLM(Qwen2ForCausalLM):
+class ToMoEQwen2ForCausalLM(_ToMoEModel, Qwen2ForCausalLM):
     config_class = ToMoEQwen2Config
-    _keep_in_fp32_modules = ["router", "shared_gate"]
-
-    def __init__(self, config):
-        super().__init__(config)
-        _replace_mlps(self, config)
-        _replace_attention(self, config)
-        self.post_init()
 
 
-class ToMoEQwen3Config(Qwen3Config):
-    """Qwen3Config plus the per-layer ToMoE expert layout."""
-
+class ToMoEQwen3Config(_ToMoEConfigFields, Qwen3Config):
     model_type = "tomoe_qwen3"
     base_model_tp_plan = _without_mlp_entries(Qwen3Config.base_model_tp_plan)
-    num_experts: int = 8
-    num_experts_per_tok: int = 1
-    moe_block_size: int = 64
-    moe_union_sizes: list | None = None
-    moe_expert_bias: bool = False
-    moe_qk_dims: list | None = None
 
 
-class ToMoEQwen3ForCausalLM(Qwen3ForCausalLM):
+class ToMoEQwen3ForCausalLM(_ToMoEModel, Qwen3ForCausalLM):
     config_class = ToMoEQwen3Config
-    _keep_in_fp32_modules = ["router", "shared_gate"]
-
-    def __init__(self, config):
-        super().__init__(config)
-        _replace_mlps(self, config)
-        _replace_attention(self, config)
-        self.post_init()
 
 
 # dense class name -> (ToMoE config class, ToMoE model class)
