@@ -2,8 +2,7 @@
 Peak memory of ToMoE's training modes on SmolLM2, each in a fresh process.
 
     python -m benchmarks.memory --mode global|layerwise|layerwise_then_global \\
-        [--offload disk] [--ratio 0.5] [--iters 800] [--output DIR [--evaluate]] \\
-        --out outputs/memory/global.json
+        [--offload disk] [--ratio 0.5] [--iters 800] --out outputs/memory/global.json
 
 One ``oneshot`` run of the shipped recipe (``--recipe``, target ratio set to
 ``--ratio``) on the main example's calibration data, in this process: the peak
@@ -11,9 +10,8 @@ resident memory (``VmHWM``) after the imports and at the end, the wall time and
 the settings. ``--offload disk`` loads the model with compressed-tensors' offloading
 (``load_offloaded_model``, ``device_map="auto_offload"``) with no CPU memory to
 spare, so every layer lives on disk and the sequential pipeline onloads one at a
-time; it needs ``--mode layerwise``. ``--output`` keeps the converted model and
-``--evaluate`` then adds its Wikipedia test and news token perplexity (lm-eval,
-float32, context 512, as the main example), measured after the peak is read.
+time; it needs ``--mode layerwise``. Quality per mode comes from
+``examples/smollm2_tomoe.py`` (global) and ``examples/smollm2_tomoe_layerwise.py``.
 Run each mode in its own process: the peak of a process only grows. The JSON also
 holds the prediction of ``benchmarks.memory_model`` for this run (on a CPU the
 device is the host, so layer-wise counts both), to compare with the peak above the
@@ -59,11 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=None, help="override the recipe's")
     p.add_argument("--recipe", default=str(REPO / "recipes" / "tomoe_50.yaml"))
     p.add_argument("--out", required=True, help="result JSON")
-    p.add_argument("--output", default=None, help="keep the converted model here")
-    p.add_argument("--evaluate", action="store_true", help="needs --output")
     args = p.parse_args(argv)
-    if args.evaluate and args.output is None:
-        p.error("--evaluate needs --output (the model folder to evaluate)")
     if args.offload == "disk" and args.mode != "layerwise":
         p.error("--offload disk needs --mode layerwise (global holds the whole model)")
     return args
@@ -116,7 +110,7 @@ def main(argv=None) -> None:
             max_seq_length=128,
             num_calibration_samples=512,
             batch_size=4,
-            output_dir=args.output or str(Path(tmp) / "out"),
+            output_dir=str(Path(tmp) / "out"),
         )
         wall = time.perf_counter() - t0
     config = json.loads((model_dir / "config.json").read_text())
@@ -143,18 +137,6 @@ def main(argv=None) -> None:
         },
         "oneshot_wall_s": round(wall, 1),
     }
-    if args.evaluate:
-        from tomoe_modifier.lm_eval_tasks import evaluate_perplexity
-
-        out = evaluate_perplexity(
-            args.output,
-            ("tomoe_wiki_test", "tomoe_news"),
-            max_length=512,
-            dtype="float32",
-            device="cpu",
-        )["results"]
-        result["tomoe_ppl"] = out["tomoe_wiki_test"]["token_perplexity"]
-        result["tomoe_news_ppl"] = out["tomoe_news"]["token_perplexity"]
     write_json(args.out, result)
     print(result)
 
