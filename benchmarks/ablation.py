@@ -36,24 +36,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-# variant -> (modifier overrides, calibration data)
+# variant -> (modifier overrides, calibration data); "+" rows add one lever to the
+# shipped recipe (activation start)
 VARIANTS: dict[str, tuple[dict, str]] = {
-    "activation start (previous default)": ({"warm_start": "activation"}, "wiki"),
+    "activation start (default)": ({"warm_start": "activation"}, "wiki"),
     "layer-wise start": ({"warm_start": "layerwise"}, "wiki"),
-    "layer-wise + expert bias": (
-        {"warm_start": "layerwise", "expert_bias": True},
+    "layer-wise start, per-layer widths": (
+        {"warm_start": "layerwise", "warm_start_widths": "per_layer"},
         "wiki",
     ),
-    "layer-wise + attention pruning": (
-        {"warm_start": "layerwise", "attention_pruning": True},
-        "wiki",
-    ),
-    "layer-wise + 16 experts": ({"warm_start": "layerwise", "num_experts": 16}, "wiki"),
-    "layer-wise + 32 experts": ({"warm_start": "layerwise", "num_experts": 32}, "wiki"),
-    "layer-wise + mixed calibration": ({"warm_start": "layerwise"}, "mix"),
-    "layer-wise + cached teacher, hidden term, long windows": (
+    "+ attention pruning": ({"attention_pruning": True}, "wiki"),
+    "+ expert bias": ({"expert_bias": True}, "wiki"),
+    "+ mixed calibration": ({}, "mix"),
+    "+ 16 experts": ({"num_experts": 16}, "wiki"),
+    "+ 32 experts": ({"num_experts": 32}, "wiki"),
+    "+ cached teacher, hidden term, long windows": (
         {
-            "warm_start": "layerwise",
             "teacher_cache": "sampled",
             "hidden_distill_weight": 1.0,
             "train_window": 128,
@@ -61,12 +59,13 @@ VARIANTS: dict[str, tuple[dict, str]] = {
         },
         "wiki512",
     ),
-    "layer-wise + shared layout (stock Qwen2-MoE export)": (
-        {"warm_start": "layerwise", "expert_layout": "shared"},
+    "shared layout (stock Qwen2-MoE export)": ({"expert_layout": "shared"}, "wiki"),
+    "train_mode layerwise": (
+        {"train_mode": "layerwise", "warm_start_tokens": 16384},
         "wiki",
     ),
-    "layer-wise training only (train_mode layerwise)": (
-        {"train_mode": "layerwise", "warm_start_tokens": 16384},
+    "train_mode layerwise_then_global": (
+        {"train_mode": "layerwise_then_global", "warm_start_tokens": 16384},
         "wiki",
     ),
 }

@@ -147,6 +147,11 @@ class ToMoEModifier(Modifier):
         "dense" is the paper's start (all
         channels kept, random routers), which needs far more training tokens
     :param warm_start_tokens: calibration tokens used by the warm start
+    :param warm_start_widths: how the layer-wise start sizes the experts: "global"
+        allocates the widths over the whole model by output energy (layers whose
+        energy is spread over many channels can be left almost empty); "per_layer"
+        gives every layer the same mean width (split among its experts by energy)
+        and leaves the reallocation across layers to the end-to-end phase
     :param attention_pruning: also prune q/k head dims statically, shared by every
         head of a layer and kept in RoPE pairs (the paper's attention pruning),
         learned under the same target as the MLP widths and deleted from q_proj and
@@ -195,6 +200,7 @@ class ToMoEModifier(Modifier):
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     warm_start: Literal["activation", "layerwise", "dense"] = "activation"
     warm_start_tokens: int = 4096
+    warm_start_widths: Literal["global", "per_layer"] = "global"
     expert_bias: bool = False
     attention_pruning: bool = False
     hidden_distill_weight: float = 0.0
@@ -385,6 +391,7 @@ class ToMoEModifier(Modifier):
                         num_tokens=self.warm_start_tokens,
                         seed=self.seed,
                         device=plan.device,
+                        widths_over=self.warm_start_widths,
                     )
                 elif self.warm_start == "activation":
                     activation_start(

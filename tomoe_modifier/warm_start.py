@@ -228,12 +228,15 @@ def layerwise_start(
     num_tokens: int,
     seed: int,
     device,
+    widths_over: str = "global",
 ) -> dict:
     """
     Layer-wise warm start (in place; see ``layerwise.py``): per layer, cluster the
     tokens by which channels carry their output energy, fit the router to predict
-    the clusters from the MLP input, allocate the widths over the whole model and
-    give each expert its best channels for the tokens the router sends it.
+    the clusters from the MLP input, allocate the widths (``widths_over``:
+    "global" over the whole model, "per_layer" the same mean width in every layer,
+    split among its experts; the end-to-end phase reallocates) and give each expert
+    its best channels for the tokens the router sends it.
     Returns the per-layer normalised MLP output errors.
     """
     from tomoe_modifier.layerwise import (
@@ -278,6 +281,11 @@ def layerwise_start(
         shared_sets.append(shared_set)
     if shared:
         widths = [torch.tensor(r.capacity[:-1]) for r in routers]
+    elif widths_over == "per_layer":
+        widths = [
+            allocate_widths([energy], [assignment], num_experts, [1], provisional)[0]
+            for energy, assignment in zip(residuals, routed)
+        ]
     else:
         per_block = [c * block_size for c in budget.params_per_channel]
         spend = target_active_ratio * budget.dense_total - budget.fixed_params()

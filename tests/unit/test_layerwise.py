@@ -39,6 +39,29 @@ def test_oneshot_with_the_layerwise_start(tmp_path):
     assert all(0 <= layer["error"] < 1 for layer in report["warm_start"]["layers"])
 
 
+@pytest.mark.integration
+def test_per_layer_widths_give_every_layer_the_same_mean_width(tmp_path):
+    torch.manual_seed(0)
+    dense = save_model(make_model("llama"), tmp_path / "dense")
+    widths = {}
+    for over in ("global", "per_layer"):
+        modifier = ToMoEModifier(
+            warm_start="layerwise",
+            warm_start_widths=over,
+            warm_start_tokens=256,
+            target_active_ratio=0.6,
+            report_path=str(tmp_path / f"{over}.json"),
+            **dict(FAST, iters=1, noise_anneal=1.0),
+        )
+        run_oneshot(dense, [modifier], tmp_path / over)
+        widths[over] = [
+            layer["target_width"] for layer in modifier.report["warm_start"]["layers"]
+        ]
+    per_layer = widths["per_layer"]
+    assert max(per_layer) - min(per_layer) <= 1.0, per_layer
+    assert widths["global"] != per_layer
+
+
 @pytest.mark.unit
 def test_clustering_groups_tokens_by_the_channels_they_need():
     from tomoe_modifier.layerwise import cluster_tokens, fit_router
