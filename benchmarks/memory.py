@@ -2,7 +2,8 @@
 Peak memory of ToMoE's training modes on SmolLM2, each in a fresh process.
 
     python -m benchmarks.memory --mode global|layerwise|layerwise_then_global \\
-        [--offload disk] [--ratio 0.5] [--iters 800] --out outputs/memory/global.json
+        [--offload disk] [--ratio 0.5] [--iters 800] [--warm-start-tokens 16384] \\
+        [--save DIR] --out outputs/memory/global.json
 
 One ``oneshot`` run of the shipped recipe (``--recipe``, target ratio set to
 ``--ratio``) on the main example's calibration data, in this process: the peak
@@ -56,6 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--iters", type=int, default=None, help="override the recipe's")
     p.add_argument("--recipe", default=str(REPO / "recipes" / "tomoe_50.yaml"))
+    p.add_argument(
+        "--warm-start-tokens",
+        type=int,
+        default=16384,
+        help="tokens each layer's fit sees (layer-wise modes)",
+    )
+    p.add_argument("--save", help="keep the converted model in this folder")
     p.add_argument("--out", required=True, help="result JSON")
     args = p.parse_args(argv)
     if args.offload == "disk" and args.mode != "layerwise":
@@ -88,7 +96,7 @@ def main(argv=None) -> None:
     if args.iters is not None:
         overrides["iters"] = args.iters
     if args.mode != "global":
-        overrides["warm_start_tokens"] = 16384
+        overrides["warm_start_tokens"] = args.warm_start_tokens
     recipe, tomoe = tomoe_recipe(args.recipe, **overrides)
     with tempfile.TemporaryDirectory() as tmp:
         model = str(model_dir)
@@ -110,7 +118,7 @@ def main(argv=None) -> None:
             max_seq_length=128,
             num_calibration_samples=512,
             batch_size=4,
-            output_dir=str(Path(tmp) / "out"),
+            output_dir=args.save or str(Path(tmp) / "out"),
         )
         wall = time.perf_counter() - t0
     config = json.loads((model_dir / "config.json").read_text())
@@ -119,7 +127,7 @@ def main(argv=None) -> None:
         predicted = memory_model.global_bytes(shapes, tokens=4 * 128, weight_bytes=4)
     else:
         predicted = memory_model.layerwise_bytes(
-            shapes, 4, 128, 512, 16384, weight_bytes=4, act_bytes=4
+            shapes, 4, 128, 512, args.warm_start_tokens, weight_bytes=4, act_bytes=4
         )
         predicted["total"] += predicted.pop("host")
     peak = peak_rss_mib()
