@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, tuple[dict, str]] = {
     "activation start (default)": ({"warm_start": "activation"}, "wiki"),
     "layer-wise start": ({"warm_start": "layerwise"}, "wiki"),
-    "layer-wise start, per-layer widths": (
+    "layer-wise start with per-layer widths": (
         {"warm_start": "layerwise", "warm_start_widths": "per_layer"},
         "wiki",
     ),
