@@ -43,9 +43,13 @@ def prompt_ids(folder: Path, count: int = 3, seed: int = 0) -> list[list[int]]:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if getattr(tokenizer, "chat_template", None):
-        return [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": q}], add_generation_prompt=True
+        return [  # transformers 5 returns a BatchEncoding here
+            list(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": q}],
+                    add_generation_prompt=True,
+                    return_dict=True,
+                )["input_ids"]
             )
             for q in QUESTIONS[:count]
         ]
