@@ -49,10 +49,10 @@ def model_meta(path: str) -> dict:
 
 
 def sort_key(model: dict):
-    order = {"dense": 0, "tomoe": 1, "flap": 2, "static": 3}
+    order = {"dense": 0, "tomoe": 1, "flap": 2, "flap-uniform": 3, "static": 4}
     return (
         -round(model.get("target_active_ratio") or model.get("active_ratio") or 0, 2),
-        order.get(model["method"], 4),
+        order.get(model["method"], 5),
         series(model),
     )
 

@@ -22,7 +22,9 @@ For each target active ratio p (attention+MLP parameters per token over dense):
   depend on p: computed once, cached.
 - The static FLAP baseline (``--methods flap``): fluctuation scores on the same
   chunks, per-layer widths from one global ranking, bias compensation ->
-  ``OUT/models/flap-pNN`` (the ToMoE architecture with one expert per layer).
+  ``OUT/models/flap-pNN`` (the ToMoE architecture with one expert per layer);
+  ``--methods flap-uniform``: the same scores and compensation at one width for
+  every layer (FLAP's UL-UM structure) -> ``OUT/models/flap-uniform-pNN``.
 
 ``--import-tomoe DIR ...`` takes finished ``examples/smollm2_tomoe.py`` outputs
 instead of retraining them: a folder whose ``results.json`` settings match the
@@ -58,6 +60,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tomoe_50.yaml"
+METHODS = ("tomoe", "shared", "static", "flap", "flap-uniform")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.6, 0.5, 0.4])
     p.add_argument(
-        "--methods", nargs="+", default=["tomoe", "shared", "static", "flap"]
+        "--methods", nargs="+", default=list(METHODS)
     )
     p.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="ToMoE recipe")
     p.add_argument(
@@ -87,9 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stats-split", default="wiki_validation")
     p.add_argument("--force", action="store_true", help="redo finished runs")
     args = p.parse_args(argv)
-    unknown = set(args.methods) - {"tomoe", "shared", "static", "flap"}
+    unknown = set(args.methods) - set(METHODS)
     if unknown:
-        p.error(f"unknown methods {sorted(unknown)}; use tomoe, shared, static, flap")
+        p.error(f"unknown methods {sorted(unknown)}; use {', '.join(METHODS)}")
     return args
 
 
@@ -180,7 +183,7 @@ def run_static(args, ratio, model_dir, tokenizer, scores: StaticScores, out: Pat
     }
 
 
-def run_flap(args, ratio, model_dir, tokenizer, dataset, out: Path):
+def run_flap(args, ratio, model_dir, tokenizer, dataset, out: Path, widths="global"):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -189,11 +192,13 @@ def run_flap(args, ratio, model_dir, tokenizer, dataset, out: Path):
     rows = dataset.select(range(min(args.baseline_samples, len(dataset))))
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model, report = flap_prune(model, iter_batches(rows, args.batch_size), ratio)
+    model, report = flap_prune(
+        model, iter_batches(rows, args.batch_size), ratio, widths=widths
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {
-        "method": "flap",
+        "method": "flap" if widths == "global" else "flap-uniform",
         "target_active_ratio": ratio,
         "active_ratio": report["active_ratio"],
         "active_ratio_worst_case": report["active_ratio"],
@@ -338,8 +343,9 @@ def main(argv=None) -> None:
             elif method in ("tomoe", "shared"):
                 recipe = args.recipe if method == "tomoe" else args.shared_recipe
                 meta = run_tomoe(args, ratio, model_dir, dataset, windows, out, recipe)
-            elif method == "flap":
-                meta = run_flap(args, ratio, model_dir, tokenizer, dataset, out)
+            elif method in ("flap", "flap-uniform"):
+                widths = "global" if method == "flap" else "uniform"
+                meta = run_flap(args, ratio, model_dir, tokenizer, dataset, out, widths)
             else:
                 meta = run_static(args, ratio, model_dir, tokenizer, scores, out)
             meta.update(

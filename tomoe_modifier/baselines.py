@@ -131,15 +131,24 @@ def channel_scores(model: nn.Module, batches: Iterable[dict]) -> dict:
 
 @torch.no_grad()
 def flap_prune(
-    model: nn.Module, calibration_batches: Iterable[dict], target_active_ratio: float
+    model: nn.Module,
+    calibration_batches: Iterable[dict],
+    target_active_ratio: float,
+    widths: str = "global",
 ) -> tuple[nn.Module, dict]:
     """
-    FLAP on every MLP, in place: fluctuation scores, per-layer standardisation and
-    one global ranking (per-layer widths), bias compensation; the model becomes the
-    ToMoE architecture with one expert per layer. Save it with ``save_pretrained``.
+    FLAP on every MLP, in place: fluctuation scores, bias compensation, and the
+    kept channels chosen either by one global ranking of the per-layer standardised
+    scores (``widths="global"``, FLAP's adaptive structure: per-layer widths) or the
+    best ones of each layer at one width for all (``"uniform"``, the paper's UL-UM
+    ablation; on a small model the global ranking can starve single layers). The
+    model becomes the ToMoE architecture with one expert per layer. Save it with
+    ``save_pretrained``.
 
     :return: the pruned model and a report (per-layer widths, achieved ratio)
     """
+    if widths not in ("global", "uniform"):
+        raise ValueError(f"widths={widths!r}: use 'global' or 'uniform'")
     from tomoe_modifier.convert import convert_model
 
     arch, layout = get_layout(model)
@@ -158,17 +167,25 @@ def flap_prune(
     indices = list(range(len(mlps)))
     # one router row and one output bias per layer, executed by every token
     budget = count_budget(model, layout, indices, router_params=2 * hidden)
-    widths = [m.mlp_width for m in budget.converted]
-    keep_total = round(budget.channel_fraction(target_active_ratio) * sum(widths))
+    mlp_widths = [m.mlp_width for m in budget.converted]
+    keep_total = round(budget.channel_fraction(target_active_ratio) * sum(mlp_widths))
     if keep_total < len(mlps):
         raise ValueError(
             f"target_active_ratio {target_active_ratio} leaves FLAP fewer channels "
             "than layers; raise it"
         )
-    ranked = torch.cat(standardised).argsort(descending=True)[:keep_total]
-    flat = torch.zeros(sum(widths), dtype=torch.bool)
-    flat[ranked] = True
-    keeps = list(flat.split(widths))
+    if widths == "global":
+        ranked = torch.cat(standardised).argsort(descending=True)[:keep_total]
+        flat = torch.zeros(sum(mlp_widths), dtype=torch.bool)
+        flat[ranked] = True
+        keeps = list(flat.split(mlp_widths))
+    else:
+        per_layer = keep_total // len(mlps)
+        keeps = []
+        for score in standardised:
+            keep = torch.zeros(score.numel(), dtype=torch.bool)
+            keep[score.argsort(descending=True)[:per_layer]] = True
+            keeps.append(keep)
     for keep, score in zip(keeps, standardised):  # every layer keeps >= 1 channel
         keep[score.argmax()] = True
     holders, biases = [], []
@@ -197,7 +214,7 @@ def flap_prune(
     kept = [int(k.sum()) for k in keeps]
     report = {
         "method": "flap (Var(h_c) * ||W_down[:, c]||^2, standardised per layer, "
-        "global ranking, bias compensation), MLP channels only",
+        f"{widths} widths, bias compensation), MLP channels only",
         "target_active_ratio": target_active_ratio,
         "active_ratio": converted.ratio(
             sum(c * k for c, k in zip(converted.params_per_channel, kept))

@@ -492,6 +492,10 @@ class ToMoESparseMLP(nn.Module):
         ``member`` [U] (bit e set when expert e uses the channel; empty if E > 63)
         and ``scaled`` [U] (uint8: the gated shared channels).
         """
+        if torch.compiler.is_compiling() and self._tables:
+            # the expert sets are fixed at inference; dynamo cannot trace the
+            # data-pointer key, and the eager prefill has built the tables
+            return self._tables
         key = (self.expert_blocks.data_ptr(), self.expert_blocks._version)
         if self.shared_gate is not None:
             key += (self.shared_blocks.data_ptr(), self.shared_blocks._version)

@@ -165,3 +165,20 @@ def test_flap_keeps_fluctuating_channels_and_compensates_the_mean(tmp_path):
     with torch.no_grad():
         unbiased = model(ids).logits
     assert (unbiased - reference).norm() > (pruned - reference).norm()
+
+
+@pytest.mark.unit
+def test_flap_uniform_gives_every_layer_one_width():
+    from tomoe_modifier.baselines import flap_prune
+
+    torch.manual_seed(0)
+    model = make_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, 3] *= 50.0  # one dominant channel
+    model, report = flap_prune(model, _batches(16, 16), 0.6, widths="uniform")
+    assert len(set(report["widths"])) == 1 and 0 < report["widths"][0] < 128
+    assert abs(report["active_ratio"] - 0.6) < 0.02
+    assert "uniform widths" in report["method"]
+    with pytest.raises(ValueError, match="use 'global' or 'uniform'"):
+        flap_prune(make_model("llama"), _batches(4, 16), 0.6, widths="per-layer")

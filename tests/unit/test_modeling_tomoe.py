@@ -109,6 +109,20 @@ def test_routing_compiles_without_graph_breaks():
 
 
 @pytest.mark.unit
+def test_compiled_decode_after_eager_prefill():
+    """generate's order: an eager prefill builds the index tables, then the
+    compiled decode step reads them without tracing their cache key."""
+    torch.manual_seed(0)
+    moe = _random_moe()
+    with torch.no_grad():
+        moe(torch.randn(5, 64))  # eager prefill
+        compiled = torch.compile(moe, backend="eager", fullgraph=True)
+        for _ in range(2):
+            x = torch.randn(1, 64)
+            torch.testing.assert_close(compiled(x), masked_reference(moe, x))
+
+
+@pytest.mark.unit
 def test_down_weight_is_stored_column_major_once():
     moe = _random_moe()
     before = moe.down_proj.weight.detach().clone()
