@@ -55,9 +55,13 @@ def series(model: dict) -> str:
             runtime = "CPU kernel" if variant == "cpu_kernels" else "stock transformers"
             return f"ToMoE shared ({runtime})"
         return "ToMoE paper"
-    return {"dense": "dense", "static": "static Wanda-sp", "flap": "static FLAP"}.get(
-        method, str(method)
-    )
+    names = {
+        "dense": "dense",
+        "static": "static Wanda-sp",
+        "flap": "static FLAP",
+        "flap-uniform": "static FLAP (uniform widths)",
+    }
+    return names.get(method, str(method))
 
 
 def common_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
 """
-Where does decode time go? Per-token time of attention, MLP, lm_head and the rest.
+Where does decode (and prefill) time go? Time of attention, MLP, lm_head and the rest.
 
     python -m benchmarks.profile_decode DENSE_DIR MODEL_DIR [MODEL_DIR ...] \\
         --out outputs/bench/results/profile.json [--dtype float32] [--rounds 3]
@@ -9,7 +9,9 @@ Each model decodes ``--new-tokens`` (128) tokens greedily after a ``--prompt-tok
 Forward hooks time every decoder layer's ``self_attn`` and ``mlp`` and the
 ``lm_head``; "other" is the rest of the ``generate`` call (embeddings, norms,
 residual adds, the generation loop, sampling). The hooks themselves add a little
-time, so the hooked total is reported next to the unhooked one. This is the profile
+time, so the hooked total is reported next to the unhooked one. The same parts are
+timed for one ``--prefill-tokens`` (512) forward without cache (ms per forward;
+0 skips it). This is the profile
 the issue asks for when a speed target is missed: it shows which part of a token's
 time the MoE MLP can shrink at all.
 """
@@ -45,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prefill-tokens", type=int, default=512)
     return p.parse_args(argv)
 
 
@@ -95,20 +98,42 @@ def decode(model, ids, new_tokens: int) -> float:
     return seconds
 
 
-def profile_round(model, ids, new_tokens: int) -> dict:
-    plain = decode(model, ids, new_tokens)
+def prefill(model, ids) -> float:
+    import torch
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model(ids, use_cache=False)
+        return time.perf_counter() - t0
+
+
+def timed_parts(model, run) -> tuple[float, float, dict]:
+    """(plain seconds, hooked seconds, seconds per part) of ``run()``."""
+    plain = run()
     timer = PartTimer(model)
     try:
-        hooked = decode(model, ids, new_tokens)
+        hooked = run()
     finally:
         timer.remove()
-    per_token = {k: v / new_tokens * 1000 for k, v in timer.seconds.items()}
+    return plain, hooked, timer.seconds
+
+
+def profile_round(model, ids, new_tokens: int, prefill_ids=None) -> dict:
+    plain, hooked, seconds = timed_parts(model, lambda: decode(model, ids, new_tokens))
+    per_token = {k: v / new_tokens * 1000 for k, v in seconds.items()}
     per_token["other"] = hooked / new_tokens * 1000 - sum(per_token.values())
-    return {
+    result = {
         "ms_per_token": plain / new_tokens * 1000,
         "hooked_ms_per_token": hooked / new_tokens * 1000,
         "parts_ms_per_token": per_token,
     }
+    if prefill_ids is not None:
+        plain, hooked, seconds = timed_parts(model, lambda: prefill(model, prefill_ids))
+        parts = {k: v * 1000 for k, v in seconds.items()}
+        parts["other"] = hooked * 1000 - sum(parts.values())
+        result["prefill_ms"] = plain * 1000
+        result["prefill_parts_ms"] = parts
+    return result
 
 
 def main(argv=None) -> None:
@@ -128,13 +153,20 @@ def main(argv=None) -> None:
     vocab = next(iter(models.values())).config.vocab_size
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, vocab, (1, args.prompt_tokens), generator=g)
+    long_ids = None
+    if args.prefill_tokens:
+        long_ids = torch.randint(0, vocab, (1, args.prefill_tokens), generator=g)
     for model in models.values():
         decode(model, ids[:, :8], 4)  # warm-up
+        if long_ids is not None:
+            prefill(model, long_ids)
     rounds: dict[str, list[dict]] = {p: [] for p in models}
     paths = list(models)
     for r in range(args.rounds):
         for path in paths[r % len(paths) :] + paths[: r % len(paths)]:
-            rounds[path].append(profile_round(models[path], ids, args.new_tokens))
+            rounds[path].append(
+                profile_round(models[path], ids, args.new_tokens, long_ids)
+            )
     entries = []
     for path in paths:
         rs = rounds[path]
@@ -142,9 +174,17 @@ def main(argv=None) -> None:
             k: statistics.median(x["parts_ms_per_token"][k] for x in rs)
             for k in (*PARTS, "other")
         }
+        extra = {}
+        if long_ids is not None:
+            extra["prefill_ms"] = statistics.median(x["prefill_ms"] for x in rs)
+            extra["prefill_parts_ms"] = {
+                k: statistics.median(x["prefill_parts_ms"][k] for x in rs)
+                for k in (*PARTS, "other")
+            }
         entries.append(
             {
                 **describe_model(path),
+                **extra,
                 "ms_per_token": statistics.median(x["ms_per_token"] for x in rs),
                 "hooked_ms_per_token": statistics.median(
                     x["hooked_ms_per_token"] for x in rs
@@ -161,6 +201,7 @@ def main(argv=None) -> None:
             "rounds": args.rounds,
             "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens,
+            "prefill_tokens": args.prefill_tokens,
             "prompt": "seeded random ids",
         },
         "models": entries,

@@ -354,7 +354,39 @@ def profile_lines(profiles: list[dict]) -> list[str]:
             *table(header, rows),
             "",
         ]
+        lines += prefill_profile_lines(prof)
     return lines
+
+
+def prefill_profile_lines(prof: dict) -> list[str]:
+    s = prof["settings"]
+    timed = [m for m in prof["models"] if "prefill_ms" in m]
+    if not timed:
+        return []
+    dense = next((m for m in timed if m["method"] == "dense"), None)
+    header = ["model", "ms", "attention", "MLP", "lm_head", "other", "x dense"]
+    rows = []
+    for m in sorted(timed, key=sort_key):
+        parts = m["prefill_parts_ms"]
+        speedup = dense["prefill_ms"] / m["prefill_ms"] if dense else None
+        rows.append(
+            [
+                m["name"],
+                f"{m['prefill_ms']:.1f}",
+                *(f"{parts[k]:.1f}" for k in ("attention", "mlp", "lm_head", "other")),
+                fmt(speedup),
+            ]
+        )
+    return [
+        f"## Where prefill time goes, {s['dtype']} (ms per {s['prefill_tokens']}-token "
+        "forward)",
+        "",
+        f"One forward of {s['prefill_tokens']} tokens without cache, "
+        f"{s['threads']} threads, median of {s['rounds']} rounds, same hooks.",
+        "",
+        *table(header, rows),
+        "",
+    ]
 
 
 def calibration_lines(models: list[dict]) -> list[str]:

@@ -12,7 +12,7 @@
 # compiled (COMPILE=0 skips; COMPILED_RATIO picks the models, default p50), the
 # shared layout also through the CPU kernel) -> decode profile -> plot -> report
 # (benchmarks/RESULTS.md + PNGs). Methods: SWEEP_ARGS="--methods tomoe shared static
-# flap" (the default). About 30 minutes per
+# flap flap-uniform" (the default). About 30 minutes per
 # ToMoE model on a 2-core CPU, plus about an hour of evaluation. For a smoke test
 # on a tiny model, set MODEL (dense folder), RECIPE, REPORT_DIR and extra flags in
 # SWEEP_ARGS / QUALITY_ARGS / SPEED_ARGS / PROFILE_ARGS
@@ -46,7 +46,7 @@ python -m benchmarks.sweep --model "$DENSE" --recipe "$RECIPE" --out-root "$ROOT
   "${IMPORT_ARGS[@]}" "${SWEEP_EXTRA[@]}"
 
 MODELS=("$DENSE")
-for dir in "$ROOT"/models/{tomoe,shared,flap,static}-p*; do
+for dir in "$ROOT"/models/{tomoe,shared,flap,flap-uniform,static}-p*; do
   if [ -f "$dir/bench_meta.json" ]; then MODELS+=("$dir"); fi
 done
 # speed: every model but FLAP (a quality baseline; Wanda-sp is the deployable

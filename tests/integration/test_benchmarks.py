@@ -36,7 +36,7 @@ def test_run_all_writes_tables_and_plots(tmp_path, text_cache):
         "QUALITY_ARGS": "--max-length 32 --limit 2",
         "SPEED_ARGS": "--prompt-source random --prompt-tokens 8 --new-tokens 4 "
         "--prefill-tokens 16 --batch 2 --no-memory",
-        "PROFILE_ARGS": "--prompt-tokens 8 --new-tokens 4",
+        "PROFILE_ARGS": "--prompt-tokens 8 --new-tokens 4 --prefill-tokens 16",
     }
     result = subprocess.run(
         ["bash", "benchmarks/run_all.sh"],
@@ -51,10 +51,17 @@ def test_run_all_writes_tables_and_plots(tmp_path, text_cache):
         "## Perplexity",
         "## Speed and memory, float32, eager",
         "## Where batch-1 decode time goes, float32",
+        "## Where prefill time goes, float32",
         "## Calibration cost",
     ):
         assert heading in text
-    for name in ("static Wanda-sp", "static FLAP", "ToMoE paper", "ToMoE shared"):
+    for name in (
+        "static Wanda-sp",
+        "static FLAP",
+        "static FLAP (uniform widths)",
+        "ToMoE paper",
+        "ToMoE shared",
+    ):
         assert name in text
     assert (report / "ppl_vs_active_ratio.png").stat().st_size > 0
     assert (report / "speedup_vs_active_ratio_float32_eager.png").stat().st_size > 0
