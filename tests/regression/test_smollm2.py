@@ -23,7 +23,7 @@ RATIO = 0.7
 ITERS = 40
 # measured on a 2-core AMD EPYC (AVX-512, bf16 autocast), torch 2.13, 2026-12-02:
 # RECORDED_PPL on the held-out Wikipedia validation articles (lm-eval, float32)
-RECORDED_PPL = None
+RECORDED_PPL = 44.08  # dense 20.96
 TOLERANCE = 1.10
 
 
