@@ -204,6 +204,8 @@ def speed_lines(speed) -> list[str]:
         med, up, mem = m["median"], m["speedup_vs_dense"], m.get("memory") or {}
 
         def cell(metric, m=med, u=up):
+            if metric not in m:  # compiled runs time decode only
+                return "–"
             return f"{m[metric]:.1f} (x{u[metric]:.2f})"
 
         rows.append(

@@ -68,9 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.strip().split("\n\n")[0], parents=[common_parser()]
     )
     p.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.6, 0.5, 0.4])
-    p.add_argument(
-        "--methods", nargs="+", default=list(METHODS)
-    )
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="ToMoE recipe")
     p.add_argument(
         "--shared-recipe",
