@@ -61,6 +61,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tomoe_50.yaml"
 METHODS = ("tomoe", "shared", "static", "flap", "flap-uniform")
+FLAP_WIDTHS = {"flap": "global", "flap-uniform": "uniform"}  # method -> flap_prune
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -181,7 +182,7 @@ def run_static(args, ratio, model_dir, tokenizer, scores: StaticScores, out: Pat
     }
 
 
-def run_flap(args, ratio, model_dir, tokenizer, dataset, out: Path, widths="global"):
+def run_flap(args, method, ratio, model_dir, tokenizer, dataset, out: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -191,12 +192,12 @@ def run_flap(args, ratio, model_dir, tokenizer, dataset, out: Path, widths="glob
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model, report = flap_prune(
-        model, iter_batches(rows, args.batch_size), ratio, widths=widths
+        model, iter_batches(rows, args.batch_size), ratio, widths=FLAP_WIDTHS[method]
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {
-        "method": "flap" if widths == "global" else "flap-uniform",
+        "method": method,
         "target_active_ratio": ratio,
         "active_ratio": report["active_ratio"],
         "active_ratio_worst_case": report["active_ratio"],
@@ -341,9 +342,8 @@ def main(argv=None) -> None:
             elif method in ("tomoe", "shared"):
                 recipe = args.recipe if method == "tomoe" else args.shared_recipe
                 meta = run_tomoe(args, ratio, model_dir, dataset, windows, out, recipe)
-            elif method in ("flap", "flap-uniform"):
-                widths = "global" if method == "flap" else "uniform"
-                meta = run_flap(args, ratio, model_dir, tokenizer, dataset, out, widths)
+            elif method in FLAP_WIDTHS:
+                meta = run_flap(args, method, ratio, model_dir, tokenizer, dataset, out)
             else:
                 meta = run_static(args, ratio, model_dir, tokenizer, scores, out)
             meta.update(
