@@ -123,13 +123,31 @@ def test_compiled_decode_after_eager_prefill():
 
 
 @pytest.mark.unit
-def test_down_weight_is_stored_column_major_once():
+def test_down_weight_is_stored_column_major_once_in_its_own_storage():
     moe = _random_moe()
     before = moe.down_proj.weight.detach().clone()
+    pointer = moe.down_proj.weight.data_ptr()
     moe.down_weight_t()
     assert moe.down_proj.weight.t().is_contiguous()
+    assert moe.down_proj.weight.data_ptr() == pointer  # rewritten, not copied
     assert torch.equal(moe.down_proj.weight, before)
     assert moe.down_proj.weight.shape == before.shape
+    moe.down_weight_t()  # idempotent
+    assert torch.equal(moe.down_proj.weight, before)
+
+
+@pytest.mark.unit
+def test_down_weight_view_of_a_larger_buffer_is_copied_not_overwritten():
+    moe = _random_moe()
+    buffer = torch.randn(2 * moe.down_proj.weight.numel())
+    other_half = buffer[moe.down_proj.weight.numel() :].clone()
+    view = buffer[: moe.down_proj.weight.numel()].view_as(moe.down_proj.weight)
+    moe.down_proj.weight.data = view
+    before = view.clone()
+    moe.down_weight_t()
+    assert torch.equal(moe.down_proj.weight, before)
+    assert torch.equal(buffer[moe.down_proj.weight.numel() :], other_half)
+    assert torch.equal(view, before)  # the buffer itself is untouched
 
 
 @pytest.mark.unit
