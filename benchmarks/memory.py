@@ -13,7 +13,10 @@ the settings. ``--offload disk`` loads the model with compressed-tensors' offloa
 spare, so every layer lives on disk and the sequential pipeline onloads one at a
 time; it needs ``--mode layerwise``. Quality per mode comes from
 ``examples/smollm2_tomoe.py`` (global) and ``examples/smollm2_tomoe_layerwise.py``.
-Run each mode in its own process: the peak of a process only grows. The JSON also
+Run each mode in its own process: the peak of a process only grows. During
+``oneshot`` a sampler keeps what the resident memory was made of at its peak
+(anonymous pages, and file pages of the offload folder, the checkpoint and the
+libraries). The JSON also
 holds the prediction of ``benchmarks.memory_model`` for this run (on a CPU the
 device is the host, so layer-wise counts both), to compare with the peak above the
 imports.
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -71,6 +75,86 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+class RssBreakdown:
+    """Samples this process's resident memory in a thread and keeps, at its peak,
+    what it was made of: anonymous pages (tensors, caches) and file pages by
+    mapping (``/proc/self/smaps``: the offload folder's safetensors, the source
+    checkpoint, shared libraries). A peak the formula misses shows up here."""
+
+    def __init__(self, groups: dict[str, str], interval_s: float = 0.25):
+        self.groups = groups  # label -> path prefix of the mapped files
+        self.interval_s = interval_s
+        self.peak_mib = 0.0
+        self.at_peak: dict = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._t0 = time.perf_counter()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self):
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def _label(self, path: str) -> str:
+        for label, prefix in self.groups.items():
+            if path.startswith(prefix):
+                return label
+        return "other files (libraries)"
+
+    def _sample(self):
+        rss = _status_kib("VmRSS") / 1024
+        if rss < self.peak_mib + 8:  # re-read smaps only on a new peak
+            return
+        self.peak_mib = rss
+        by_file: dict[str, float] = {}
+        anon = 0.0
+        path = ""
+        try:
+            with open("/proc/self/smaps") as f:
+                for line in f:
+                    head = line.split(maxsplit=5)
+                    if "-" in head[0]:  # a mapping's header line
+                        path = head[5].strip() if len(head) > 5 else ""
+                    elif head[0] == "Rss:":
+                        kib = int(head[1])
+                        if not path or path.startswith("["):
+                            anon += kib
+                        else:
+                            label = next(
+                                (
+                                    k
+                                    for k, v in self.groups.items()
+                                    if path.startswith(v)
+                                ),
+                                "other files (libraries)",
+                            )
+                            by_file[label] = by_file.get(label, 0) + kib
+        except OSError:
+            return
+        self.at_peak = {
+            "rss_mib": round(rss, 1),
+            "t_s": round(time.perf_counter() - self._t0, 1),
+            "anonymous_mib": round(anon / 1024, 1),
+            "file_mib": {k: round(v / 1024, 1) for k, v in sorted(by_file.items())},
+        }
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
@@ -110,16 +194,21 @@ def main(argv=None) -> None:
                     max_memory={"cpu": 1},
                     offload_folder=str(Path(tmp) / "offload"),
                 )
+        groups = {
+            "offload folder": str(Path(tmp) / "offload"),
+            "checkpoint": str(model_dir),
+        }
         t0 = time.perf_counter()
-        oneshot(
-            model=model,
-            dataset=dataset,
-            recipe=recipe,
-            max_seq_length=128,
-            num_calibration_samples=512,
-            batch_size=4,
-            output_dir=args.save or str(Path(tmp) / "out"),
-        )
+        with RssBreakdown(groups) as breakdown:
+            oneshot(
+                model=model,
+                dataset=dataset,
+                recipe=recipe,
+                max_seq_length=128,
+                num_calibration_samples=512,
+                batch_size=4,
+                output_dir=args.save or str(Path(tmp) / "out"),
+            )
         wall = time.perf_counter() - t0
     config = json.loads((model_dir / "config.json").read_text())
     shapes = memory_model.Shapes.from_config("SmolLM2-135M", config)
@@ -144,6 +233,7 @@ def main(argv=None) -> None:
             k: round(v / memory_model.MIB, 1) for k, v in predicted.items()
         },
         "oneshot_wall_s": round(wall, 1),
+        "at_peak_during_oneshot": breakdown.at_peak,
     }
     write_json(args.out, result)
     print(result)

@@ -1,0 +1,25 @@
+"""benchmarks.memory's sampler: what resident memory is made of at its peak."""
+
+import time
+
+import pytest
+import torch
+
+from benchmarks.memory import RssBreakdown
+
+
+@pytest.mark.unit
+def test_breakdown_splits_anonymous_and_file_pages_at_the_peak(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "weights.bin"
+    torch.randn(16 * 2**20 // 4).numpy().tofile(path)  # 16 MiB file
+    with RssBreakdown({"weights": str(tmp_path)}, interval_s=0.01) as breakdown:
+        mapped = torch.from_file(str(path), size=16 * 2**20 // 4, dtype=torch.float32)
+        mapped.sum()  # fault the file pages in
+        anon = torch.ones(64 * 2**20 // 4)  # 64 MiB of anonymous pages
+        time.sleep(0.2)
+    peak = breakdown.at_peak
+    assert peak["file_mib"]["weights"] >= 15
+    assert peak["anonymous_mib"] >= 64
+    assert peak["rss_mib"] >= peak["anonymous_mib"] + peak["file_mib"]["weights"] - 1
+    del anon, mapped
