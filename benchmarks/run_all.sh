@@ -11,7 +11,8 @@
 # float32) -> speed (decode and prefill vs dense, float32 and bfloat16, eager and
 # compiled (COMPILE=0 skips; COMPILED_RATIO picks the models, default p50), the
 # shared layout also through the CPU kernel) -> decode profile -> plot -> report
-# (benchmarks/RESULTS.md + PNGs). Methods: SWEEP_ARGS="--methods tomoe shared static
+# (benchmarks/RESULTS.md + PNGs, and the result JSONs copied to benchmarks/results/
+# to be committed with them). Methods: SWEEP_ARGS="--methods tomoe shared static
 # flap flap-uniform" (the default). About 30 minutes per
 # ToMoE model on a 2-core CPU, plus about an hour of evaluation. For a smoke test
 # on a tiny model, set MODEL (dense folder), RECIPE, REPORT_DIR and extra flags in
@@ -77,3 +78,7 @@ python -m benchmarks.profile_decode "$DENSE" "${TOMOE_MODELS[@]}" \
   --rounds "$ROUNDS" --out "$ROOT/results/profile-float32.json" "${PROFILE_EXTRA[@]}"
 python -m benchmarks.plot --results "$ROOT/results" --out-dir "$REPORT_DIR"
 python -m benchmarks.report --results "$ROOT/results" --out "$REPORT_DIR/RESULTS.md"
+# the JSONs behind the report go next to it (committed), so RESULTS.md can be
+# regenerated from the repository alone: benchmarks.report --results benchmarks/results
+mkdir -p "$REPORT_DIR/results"
+cp -r "$ROOT/results/." "$REPORT_DIR/results/"

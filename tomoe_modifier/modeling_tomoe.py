@@ -104,10 +104,16 @@ inline void load_row<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
+inline float to_float(float v) { return v; }
+inline float to_float(c10::BFloat16 v) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(v.x) << 16);
+}
+
+// weights are read in their own dtype and widened in registers: no row copies
+template <typename T> inline float dot(const T* w, const float* x, int64_t n) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) acc += to_float(w[i]) * x[i];
   return acc;
 }
 
@@ -128,7 +134,6 @@ void subset_mlp_impl(const T* x, const T* gu, const T* gu_bias, const T* dt,
   const int64_t grain = std::max<int64_t>(8, W / (4 * threads) + 1);
   at::parallel_for(0, W, grain, [&](int64_t begin, int64_t end) {
     float* y = partial.data() + static_cast<size_t>(at::get_thread_num()) * tokens * D;
-    std::vector<float> wg(D), wu(D), wd(D), h(tokens);
     std::vector<char> hit(tokens, 1);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c = visit[i];
@@ -141,23 +146,22 @@ void subset_mlp_impl(const T* x, const T* gu, const T* gu_bias, const T* dt,
         }
       }
       if (!any) continue;
-      load_row<T>(gu + (2 * c) * D, wg.data(), D);
-      load_row<T>(gu + (2 * c + 1) * D, wu.data(), D);
-      load_row<T>(dt + c * D, wd.data(), D);
+      const T* wg = gu + (2 * c) * D;
+      const T* wu = gu + (2 * c + 1) * D;
+      const T* wd = dt + c * D;
       float bias[2] = {0.f, 0.f};
       if (gu_bias != nullptr) load_row<T>(gu_bias + 2 * c, bias, 2);
       const bool scale_c = scaled != nullptr && scaled[c] != 0;
       for (int64_t t = 0; t < tokens; ++t) {
         if (!hit[t]) continue;
         const float* xt = xf.data() + t * D;
-        const float g = dot(wg.data(), xt, D) + bias[0];
-        const float u = dot(wu.data(), xt, D) + bias[1];
+        const float g = dot<T>(wg, xt, D) + bias[0];
+        const float u = dot<T>(wu, xt, D) + bias[1];
         float ht = g / (1.f + std::exp(-g)) * u;
         if (scale_c) ht *= token_scale[t];
         float* yt = y + t * D;
-        const float* w = wd.data();
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) yt[d] += ht * w[d];
+        for (int64_t d = 0; d < D; ++d) yt[d] += ht * to_float(wd[d]);
       }
     }
   });

@@ -70,3 +70,23 @@ def test_run_all_writes_tables_and_plots(tmp_path, text_cache):
     )
     names = {m["name"] for m in speed["models"]}
     assert names >= {"tomoe-p60", "shared-p60", "shared-p60+cpu_kernels", "static-p60"}
+    # the JSONs behind the report are copied next to it and regenerate it
+    copied = json.loads((report / "results/speed-float32-eager.json").read_text())
+    assert copied == speed
+    again = tmp_path / "again.md"
+    subprocess.run(
+        [
+            "python",
+            "-m",
+            "benchmarks.report",
+            "--results",
+            str(report / "results"),
+            "--out",
+            str(again),
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    assert "## Speed and memory, float32, eager" in again.read_text()
