@@ -84,6 +84,9 @@ _KERNEL_SOURCE = r"""
 #include <cmath>
 #include <cstring>
 #include <vector>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -116,6 +119,31 @@ template <typename T> inline float dot(const T* w, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc += to_float(w[i]) * x[i];
   return acc;
 }
+
+// w . x for one gate or up row; x_raw is the token in the model's dtype, xf the
+// same widened to float. With AVX512-BF16 a bf16 row is multiplied pairwise by
+// the bf16 token (vdpbf16ps: exact products, float accumulation), as oneDNN does.
+template <typename T>
+inline float row_dot(const T* w, const T* x_raw, const float* xf, int64_t n) {
+  return dot<T>(w, xf, n);
+}
+#if defined(__AVX512BF16__)
+template <>
+inline float row_dot<c10::BFloat16>(const c10::BFloat16* w, const c10::BFloat16* x_raw,
+                                    const float* xf, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512i a = _mm512_loadu_si512(reinterpret_cast<const void*>(w + i));
+    const __m512i b = _mm512_loadu_si512(reinterpret_cast<const void*>(x_raw + i));
+    acc = _mm512_dpbf16_ps(acc, reinterpret_cast<const __m512bh&>(a),
+                           reinterpret_cast<const __m512bh&>(b));
+  }
+  float total = _mm512_reduce_add_ps(acc);
+  for (; i < n; ++i) total += to_float(w[i]) * xf[i];
+  return total;
+}
+#endif
 
 // y[t] = sum over visited channels c with (member[c] & token_bits[t]) of
 //        silu(gate_c . x_t + bg_c) * (up_c . x_t + bu_c) * s(c, t) * down_t[c]
@@ -155,8 +183,8 @@ void subset_mlp_impl(const T* x, const T* gu, const T* gu_bias, const T* dt,
       for (int64_t t = 0; t < tokens; ++t) {
         if (!hit[t]) continue;
         const float* xt = xf.data() + t * D;
-        const float g = dot<T>(wg, xt, D) + bias[0];
-        const float u = dot<T>(wu, xt, D) + bias[1];
+        const float g = row_dot<T>(wg, x + t * D, xt, D) + bias[0];
+        const float u = row_dot<T>(wu, x + t * D, xt, D) + bias[1];
         float ht = g / (1.f + std::exp(-g)) * u;
         if (scale_c) ht *= token_scale[t];
         float* yt = y + t * D;
@@ -225,8 +253,9 @@ def cpu_kernel():
     """The compiled subset-MLP loop, or None where it cannot be built.
 
     Built with the machine's C++ compiler on first use (about a minute) and cached
-    by torch in ``TORCH_EXTENSIONS_DIR``; the name carries the CPU capability, so a
-    cache shared between machines never hands out a binary built for another ISA.
+    by torch in ``TORCH_EXTENSIONS_DIR``; the name carries the CPU capability (and
+    AVX512-BF16), so a cache shared between machines never hands out a binary built
+    for another ISA.
     ``TOMOE_CPU_KERNEL=torch`` skips it, ``=cpp`` makes a failed build an error.
     """
     if "module" in _kernel_state:
@@ -240,6 +269,8 @@ def cpu_kernel():
     if mode != "torch":
         digest = hashlib.sha1(_KERNEL_SOURCE.encode()).hexdigest()[:10]
         arch = torch.backends.cpu.get_cpu_capability().lower()
+        if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+            arch += "_bf16"  # -march=native then emits AVX512-BF16 dot products
         log = logging.getLogger(__name__)
         log.info("ToMoE: building the CPU expert kernel (once per machine, cached)")
         try:
