@@ -583,7 +583,11 @@ class ToMoESparseMLP(nn.Module):
         unaffected): a copy beside it would keep both resident, since
         ``from_pretrained`` maps the checkpoint file and the pages the copy read
         stay in the process (about 100 MiB more peak RSS on SmolLM2-135M). Writing
-        into the private file mapping replaces its pages instead of adding some."""
+        into the private file mapping replaces its pages instead of adding some.
+
+        Shared memory is never rewritten: under torchrun, llm-compressor's
+        distributed CPU offload keeps one copy that every rank maps, and two ranks
+        rewriting it at once scramble it."""
         weight = self.down_proj.weight
         if not weight.t().is_contiguous():
             with torch.no_grad(), torch.inference_mode(False):
@@ -592,6 +596,7 @@ class ToMoESparseMLP(nn.Module):
                 # rewritten the weight before any compiled step)
                 owned = (
                     not torch.compiler.is_compiling()
+                    and not data.is_shared()
                     and data.is_contiguous()
                     and data.storage_offset() == 0
                     and data.untyped_storage().nbytes() == data.nbytes

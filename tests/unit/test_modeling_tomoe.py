@@ -151,6 +151,36 @@ def test_down_weight_view_of_a_larger_buffer_is_copied_not_overwritten():
 
 
 @pytest.mark.unit
+def test_down_weight_in_shared_memory_is_copied_not_overwritten():
+    # under torchrun the distributed CPU offload maps one copy into every rank
+    moe = _random_moe()
+    moe.down_proj.weight.data.share_memory_()
+    shared = moe.down_proj.weight.data
+    before = shared.clone()
+    moe.down_weight_t()
+    assert moe.down_proj.weight.t().is_contiguous()
+    assert moe.down_proj.weight.data_ptr() != shared.data_ptr()
+    assert torch.equal(shared, before)  # the other ranks' view is untouched
+    assert torch.equal(moe.down_proj.weight, before)
+
+
+@pytest.mark.unit
+def test_offloaded_module_computes_the_same_and_keeps_its_cached_weight():
+    from compressed_tensors.offload import offload_module
+
+    torch.manual_seed(0)
+    moe = _random_moe()
+    x = torch.randn(5, 64)
+    expected = moe(x)
+    offload_module(moe.down_proj, "cpu", "cpu")
+    cached = moe.down_proj._parameters["weight"]
+    before = cached.clone()
+    torch.testing.assert_close(moe(x), expected)
+    assert torch.equal(cached, before)  # the cache's tensor keeps its layout
+    torch.testing.assert_close(moe(x), expected)
+
+
+@pytest.mark.unit
 def test_batch_with_mixed_experts_matches_token_by_token():
     moe = _random_moe()
     x = torch.randn(3, 11, 64)
