@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -81,9 +82,16 @@ class RssBreakdown:
     mapping (``/proc/self/smaps``: the offload folder's safetensors, the source
     checkpoint, shared libraries). A peak the formula misses shows up here."""
 
-    def __init__(self, groups: dict[str, str], interval_s: float = 0.25):
+    def __init__(
+        self,
+        groups: dict[str, str],
+        interval_s: float = 0.25,
+        packages: tuple[str, ...] = ("tomoe_modifier", "llmcompressor"),
+    ):
         self.groups = groups  # label -> path prefix of the mapped files
+        self.packages = packages  # whose calls ``running`` names
         self.interval_s = interval_s
+        self._main = threading.get_ident()  # the thread running oneshot
         self.peak_mib = 0.0
         self.at_peak: dict = {}
         self._stop = threading.Event()
@@ -142,9 +150,31 @@ class RssBreakdown:
         self.at_peak = {
             "rss_mib": round(rss, 1),
             "t_s": round(time.perf_counter() - self._t0, 1),
+            "running": self._running(),
             "anonymous_mib": round(anon / 1024, 1),
             "file_mib": {k: round(v / 1024, 1) for k, v in sorted(by_file.items())},
         }
+
+    def _running(self, depth: int = 6) -> list[str]:
+        """The innermost calls of the oneshot thread in ``packages`` (this
+        package and the toolkit; ``module:function:line``): where the peak was."""
+        frame = sys._current_frames().get(self._main)
+        calls = []
+        while frame is not None and len(calls) < depth:
+            module = frame.f_globals.get("__name__", "")
+            if module.startswith(self.packages):
+                calls.append(f"{module}:{frame.f_code.co_name}:{frame.f_lineno}")
+            frame = frame.f_back
+        return calls
+
+
+def _reset_peak_rss() -> None:
+    """Start VmHWM again from the current resident size (Linux ``clear_refs`` 5):
+    a first run converts the GGUF checkpoint, whose peak is not oneshot's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def _status_kib(field: str) -> int:
@@ -175,6 +205,7 @@ def main(argv=None) -> None:
     dataset = build_calibration_dataset(
         tokenizer, load_split("wiki_train"), 128, seed=0
     )
+    _reset_peak_rss()
     after_imports = peak_rss_mib()
     overrides = {"target_active_ratio": args.ratio, "train_mode": args.mode}
     if args.iters is not None:

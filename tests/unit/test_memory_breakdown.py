@@ -13,7 +13,8 @@ def test_breakdown_splits_anonymous_and_file_pages_at_the_peak(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "weights.bin"
     torch.randn(16 * 2**20 // 4).numpy().tofile(path)  # 16 MiB file
-    with RssBreakdown({"weights": str(tmp_path)}, interval_s=0.01) as breakdown:
+    groups = {"weights": str(tmp_path)}
+    with RssBreakdown(groups, interval_s=0.01, packages=("tests",)) as breakdown:
         mapped = torch.from_file(str(path), size=16 * 2**20 // 4, dtype=torch.float32)
         mapped.sum()  # fault the file pages in
         anon = torch.ones(64 * 2**20 // 4)  # 64 MiB of anonymous pages
@@ -22,4 +23,6 @@ def test_breakdown_splits_anonymous_and_file_pages_at_the_peak(tmp_path):
     assert peak["file_mib"]["weights"] >= 15
     assert peak["anonymous_mib"] >= 64
     assert peak["rss_mib"] >= peak["anonymous_mib"] + peak["file_mib"]["weights"] - 1
+    # where the peak was reached: this test, in the thread that entered the sampler
+    assert any(":test_breakdown_splits" in call for call in peak["running"])
     del anon, mapped
