@@ -47,6 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+MIB = 1024**2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,6 +93,7 @@ class RssBreakdown:
         self.packages = packages  # whose calls ``running`` names
         self.interval_s = interval_s
         self._main = threading.get_ident()  # the thread running oneshot
+        self._live: dict = {}
         self.peak_mib = 0.0
         self.at_peak: dict = {}
         self._stop = threading.Event()
@@ -151,6 +153,7 @@ class RssBreakdown:
             "rss_mib": round(rss, 1),
             "t_s": round(time.perf_counter() - self._t0, 1),
             "running": self._running(),
+            **self._live_tensors(),
             "anonymous_mib": round(anon / 1024, 1),
             "file_mib": {k: round(v / 1024, 1) for k, v in sorted(by_file.items())},
         }
@@ -166,6 +169,38 @@ class RssBreakdown:
                 calls.append(f"{module}:{frame.f_code.co_name}:{frame.f_lineno}")
             frame = frame.f_back
         return calls
+
+    def _live_tensors(self, every_s: float = 2.0) -> dict:
+        """Bytes of the distinct storages of all live tensors, and the largest
+        ones' shapes: what the allocator holds for tensors at the peak, against
+        which the resident anonymous memory shows what it keeps besides (freed
+        blocks it has not returned). Walking the heap is slow, so at most once
+        every ``every_s`` seconds; ``live_t_s`` says when it was taken."""
+        t = time.perf_counter() - self._t0
+        if t - self._live.get("live_t_s", -every_s) < every_s:
+            return self._live
+        import gc
+
+        import torch
+
+        storages: dict[int, tuple[int, str]] = {}
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                    storage = obj.untyped_storage()
+                    storages[storage.data_ptr()] = (
+                        storage.nbytes(),
+                        f"{tuple(obj.shape)} {str(obj.dtype).replace('torch.', '')}",
+                    )
+            except Exception:  # tensors without storage (meta, sparse, freed)
+                continue
+        largest = sorted(storages.values(), reverse=True)[:8]
+        self._live = {
+            "live_t_s": round(t, 1),
+            "live_tensor_mib": round(sum(n for n, _ in storages.values()) / MIB, 1),
+            "largest_tensors": [f"{n / MIB:.1f} MiB {desc}" for n, desc in largest],
+        }
+        return self._live
 
 
 def _reset_peak_rss() -> None:

@@ -27,9 +27,15 @@ layerwise (llm-compressor's sequential pipeline: one decoder layer on the device
     weights       max(one decoder layer, embedding) * w
     activations   B * S * (2 D + 2 I + 2 D_kv) * a   one calibration batch through
                   one layer, no grad (a activation bytes)
-    the captured MLP inputs, the fit (fp32, [T_fit, I]) and the pipeline's
-    intermediates ([N_cal, S, D]) live on the CPU, not the device:
-    host          N_cal * S * D * a + T_fit * (D + 2 I) * 4 + 3 D I * 4
+    the captured MLP inputs, the fit and the pipeline's intermediates live on
+    the CPU, not the device:
+    host          N_cal * S * (D + 2 d_head) * a     one copy of every batch's
+                  hidden states and RoPE cos/sin (llm-compressor keeps a subgraph's
+                  inputs until it has propagated them)
+                  + T_fit * (2 D + 4 I) * 4          the fit at its peak
+                  (``fit_mlp_layer``'s error: inputs, dense output, h, the mask
+                  multiplier, the masked h and the energy, fp32; measured there)
+                  + 3 D I * 4                        the layer's fp32 weights
 
 N tokens per step (batch x window), L layers, D hidden, D_kv key/value width, I MLP
 width, V vocabulary, E experts. Attention is SDPA (no [S, S] matrix is stored).
@@ -132,9 +138,10 @@ def layerwise_bytes(
         "weights": max(s.layer_params, s.embedding_params) * weight_bytes,
         "activations": batch * window * (2 * d + 2 * i + 2 * kv) * act_bytes,
     }
+    head_dim = d // s.heads
     host = (
-        calibration_samples * window * d * act_bytes
-        + fit_tokens * (d + 2 * i) * 4
+        calibration_samples * window * (d + 2 * head_dim) * act_bytes
+        + fit_tokens * (2 * d + 4 * i) * 4
         + 3 * d * i * 4
     )
     return {**terms, "total": sum(terms.values()), "host": host}

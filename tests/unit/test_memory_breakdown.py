@@ -23,6 +23,8 @@ def test_breakdown_splits_anonymous_and_file_pages_at_the_peak(tmp_path):
     assert peak["file_mib"]["weights"] >= 15
     assert peak["anonymous_mib"] >= 64
     assert peak["rss_mib"] >= peak["anonymous_mib"] + peak["file_mib"]["weights"] - 1
+    assert peak["live_tensor_mib"] >= 64 + 15  # the ones tensor and the mapped file
+    assert any("float32" in t for t in peak["largest_tensors"])
     # where the peak was reached: this test, in the thread that entered the sampler
     assert any(":test_breakdown_splits" in call for call in peak["running"])
     del anon, mapped
