@@ -461,7 +461,7 @@ def train_routers(
 
             worst = budget.ratio(
                 budget.worst_case_params(widths),
-                float(saving) if pair_masks else 0.0,
+                float(saving.detach()) if pair_masks else 0.0,
             )
             record = {
                 "step": step + 1,
