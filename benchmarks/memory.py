@@ -47,7 +47,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-MIB = 1024**2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,7 +92,8 @@ class RssBreakdown:
         self.packages = packages  # whose calls ``running`` names
         self.interval_s = interval_s
         self._main = threading.get_ident()  # the thread running oneshot
-        self._live: dict = {}
+        self._live: dict = {}  # the last live-tensor walk
+        self._walk_at = self._walk_s = 0.0  # when it started, how long it took
         self.peak_mib = 0.0
         self.at_peak: dict = {}
         self._stop = threading.Event()
@@ -138,14 +138,7 @@ class RssBreakdown:
                         if not path or path.startswith("["):
                             anon += kib
                         else:
-                            label = next(
-                                (
-                                    k
-                                    for k, v in self.groups.items()
-                                    if path.startswith(v)
-                                ),
-                                "other files (libraries)",
-                            )
+                            label = self._label(path)
                             by_file[label] = by_file.get(label, 0) + kib
         except OSError:
             return
@@ -170,14 +163,16 @@ class RssBreakdown:
             frame = frame.f_back
         return calls
 
-    def _live_tensors(self, every_s: float = 2.0) -> dict:
+    def _live_tensors(self, spacing: float = 10.0) -> dict:
         """Bytes of the distinct storages of all live tensors, and the largest
         ones' shapes: what the allocator holds for tensors at the peak, against
         which the resident anonymous memory shows what it keeps besides (freed
-        blocks it has not returned). Walking the heap is slow, so at most once
-        every ``every_s`` seconds; ``live_t_s`` says when it was taken."""
+        blocks it has not returned). Walking the heap takes time (a fraction of a
+        second during oneshot, milliseconds in a small process), so a new walk
+        waits ``spacing`` times the last one's duration; ``live_t_s`` says when
+        the one reported was taken."""
         t = time.perf_counter() - self._t0
-        if t - self._live.get("live_t_s", -every_s) < every_s:
+        if self._live and t - self._walk_at < spacing * self._walk_s:
             return self._live
         import gc
 
@@ -194,11 +189,13 @@ class RssBreakdown:
                     )
             except Exception:  # tensors without storage (meta, sparse, freed)
                 continue
+        self._walk_at, self._walk_s = t, time.perf_counter() - self._t0 - t
+        mib = memory_model.MIB
         largest = sorted(storages.values(), reverse=True)[:8]
         self._live = {
             "live_t_s": round(t, 1),
-            "live_tensor_mib": round(sum(n for n, _ in storages.values()) / MIB, 1),
-            "largest_tensors": [f"{n / MIB:.1f} MiB {desc}" for n, desc in largest],
+            "live_tensor_mib": round(sum(n for n, _ in storages.values()) / mib, 1),
+            "largest_tensors": [f"{n / mib:.1f} MiB {desc}" for n, desc in largest],
         }
         return self._live
 

@@ -45,18 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class DenseMLP(nn.Module):
-    """Llama's MLP: down(silu(gate(x)) * up(x))."""
+def llama_mlp(args, width: int) -> nn.Module:
+    """transformers' Llama MLP of ``width`` channels: what the dense model runs."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
 
-    def __init__(self, hidden: int, width: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=False)
-        self.up_proj = nn.Linear(hidden, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden, bias=False)
-
-    def forward(self, x):
-        gate = nn.functional.silu(self.gate_proj(x))
-        return self.down_proj(gate * self.up_proj(x))
+    return LlamaMLP(LlamaConfig(hidden_size=args.hidden, intermediate_size=width))
 
 
 def tomoe_mlp(args, generator: torch.Generator):
@@ -77,9 +71,9 @@ def build(args) -> dict[str, list[nn.Module]]:
     dtype = getattr(torch, args.dtype)
     width = round(args.expert_fraction * args.intermediate)
     paths = {
-        "dense": [DenseMLP(args.hidden, args.intermediate) for _ in range(args.layers)],
+        "dense": [llama_mlp(args, args.intermediate) for _ in range(args.layers)],
         "tomoe": [tomoe_mlp(args, generator) for _ in range(args.layers)],
-        "static": [DenseMLP(args.hidden, width) for _ in range(args.layers)],
+        "static": [llama_mlp(args, width) for _ in range(args.layers)],
     }
     for modules in paths.values():
         for m in modules:
