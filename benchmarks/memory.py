@@ -2,7 +2,7 @@
 Peak memory of ToMoE's training modes on SmolLM2, each in a fresh process.
 
     python -m benchmarks.memory --mode global|layerwise|layerwise_then_global \\
-        [--offload disk] [--ratio 0.5] [--iters 800] [--warm-start-tokens 16384] \\
+        [--offload disk] [--ratio 0.5] [--iters 300] [--warm-start-tokens 16384] \\
         [--save DIR] --out outputs/memory/global.json
 
 One ``oneshot`` run of the shipped recipe (``--recipe``, target ratio set to

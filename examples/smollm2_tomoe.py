@@ -1,7 +1,7 @@
 """
 ToMoE on a real model, end to end on a CPU: SmolLM2-135M-Instruct -> top-1 MoE.
 
-    python examples/smollm2_tomoe.py                 # p = 0.5, under 40 minutes
+    python examples/smollm2_tomoe.py                 # p = 0.5, about 25 minutes
     python examples/smollm2_tomoe.py --ratio 0.7
     python examples/smollm2_tomoe.py --mode global   # the end-to-end phase alone
 
@@ -15,12 +15,12 @@ calibration time and peak memory. Writes ``examples/results/smollm2_p<NN>.json``
 
 Training: ``train_mode: layerwise_then_global``. Each decoder layer's router and
 masks are first fitted to its dense MLP on 16,384 captured tokens (llm-compressor's
-sequential pipeline, about 6 minutes here), then the recipe's 300 end-to-end steps
-of 4 x 128 tokens (153,600 tokens) run: about 3.5 s a step on a 2-core AVX2 CPU
-(float32), less with AVX512-BF16 (bf16 autocast). The layer-wise start makes each
-end-to-end step worth more than the activation-aware start of ``--mode global``
-does (see examples/README.md). The paper trains on ~41M tokens; expect a larger
-perplexity gap than it reports.
+sequential pipeline, about 5 minutes on 2 cores), then the recipe's 300 end-to-end
+steps of 4 x 128 tokens (153,600 tokens) run, about 3 s a step in float32, with the
+Gumbel noise annealed over all of them (``noise_anneal``'s default after a
+layer-wise start). ``--mode global`` starts from the activation-aware warm start
+instead. The paper trains on ~41M tokens; expect a larger perplexity gap than it
+reports.
 """
 
 from __future__ import annotations

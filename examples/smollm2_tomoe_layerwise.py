@@ -10,7 +10,7 @@ data-parallel under torchrun: the pattern for models that do not fit one device.
 The shipped recipe ``recipes/tomoe_50.yaml`` with ``train_mode`` (and the target
 ratio) overridden. ``layerwise`` fits each layer's router and expert masks on that
 layer's captured inputs while the pipeline holds only that layer on the execution
-device; ``layerwise_then_global`` adds the end-to-end phase (the recipe's 800 steps),
+device; ``layerwise_then_global`` adds the end-to-end phase (the recipe's 300 steps),
 which needs the whole model on the device. The model is loaded the way llm-compressor
 loads big models, ``load_offloaded_model`` with ``device_map="auto_offload"``
 (``--offload disk`` leaves no CPU memory for weights, so every layer lives on disk).

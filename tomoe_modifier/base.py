@@ -81,7 +81,7 @@ class ToMoEModifier(Modifier):
           target_active_ratio: 0.5
           num_experts: 8
           width_multiple: 64
-          iters: 800
+          iters: 300
           lr: 0.01
     ```
 
@@ -132,7 +132,11 @@ class ToMoEModifier(Modifier):
     :param temperature: Gumbel-softmax / Gumbel-sigmoid temperature
     :param noise_anneal: final fraction of the steps over which the Gumbel noise
         decays linearly to 0, so training ends on the deterministic routing and
-        masks that conversion exports (0 keeps the paper's constant noise)
+        masks that conversion exports (0 keeps the paper's constant noise). Unset:
+        0.25, or 1.0 with ``train_mode: layerwise_then_global``, whose end-to-end
+        phase starts from a noise-free layer-wise fit: on SmolLM2 at p = 0.5 and 300
+        steps, 0.25 ended at 7.6x dense perplexity (the KL doubled as the noise
+        fell to 0 in the last 75 steps) and 1.0 at 3.0x
     :param lr_schedule: "constant" (the paper's) or "cosine" decay to 0
     :param mask_offset: logit offset that makes training start from the dense model
     :param compute_dtype: "auto" picks bfloat16 where the device runs it fast;
@@ -194,7 +198,7 @@ class ToMoEModifier(Modifier):
     union_weight: float = 3.0
     balance_weight: float = 1.0
     temperature: float = 0.4
-    noise_anneal: float = 0.25
+    noise_anneal: float | None = None  # see _resolve_defaults
     lr_schedule: Literal["constant", "cosine"] = "constant"
     mask_offset: float = 3.0
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -245,8 +249,8 @@ class ToMoEModifier(Modifier):
 
     @field_validator("noise_anneal")
     @classmethod
-    def _check_fraction(cls, value: float) -> float:
-        if not 0 <= value <= 1:
+    def _check_fraction(cls, value: float | None) -> float | None:
+        if value is not None and not 0 <= value <= 1:
             raise ValueError(f"noise_anneal must be in [0, 1], got {value}")
         return value
 
@@ -256,6 +260,15 @@ class ToMoEModifier(Modifier):
         # which a modifier asks for by requiring calibration data; "global" runs its
         # own loop in on_initialize and takes the data-free pipeline
         self.requires_calibration_data = self.train_mode != "global"
+        return self
+
+    @model_validator(mode="after")
+    def _resolve_defaults(self):
+        # defaults that depend on another field, resolved once here so the
+        # trainer and the saved recipe see the value used
+        if self.noise_anneal is None:
+            after_fit = self.train_mode == "layerwise_then_global"
+            self.noise_anneal = 1.0 if after_fit else 0.25
         return self
 
     @model_validator(mode="before")

@@ -55,6 +55,16 @@ def test_train_settings_take_every_value_from_the_modifier():
 
 
 @pytest.mark.unit
+def test_noise_anneal_default_follows_the_train_mode():
+    # a layer-wise fit is noise-free: its end-to-end phase anneals over every step
+    assert ToMoEModifier().noise_anneal == 0.25
+    assert ToMoEModifier(train_mode="layerwise_then_global").noise_anneal == 1.0
+    assert ToMoEModifier(train_mode="layerwise").noise_anneal == 0.25
+    explicit = ToMoEModifier(train_mode="layerwise_then_global", noise_anneal=0.5)
+    assert explicit.noise_anneal == 0.5
+
+
+@pytest.mark.unit
 def test_empty_calibration_loader_gets_tomoe_message():
     empty = Dataset.from_dict({"input_ids": [], "attention_mask": []})
     with pytest.raises(ValueError, match="empty calibration dataset"):
