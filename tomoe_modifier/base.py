@@ -512,6 +512,7 @@ class ToMoEModifier(Modifier):
                 f"the sequential pipeline never reached the MLPs of layers {missing}; "
                 "check sequential_targets"
             )
+        layerwise_seconds = round(time.perf_counter() - run.start, 1)
         history = {"train_seconds": 0.0, "tokens": 0, "history": []}
         if self.train_mode == "layerwise_then_global":
             history = self._global_phase(state.model, run, state.data.calib)
@@ -534,7 +535,7 @@ class ToMoEModifier(Modifier):
                 }
                 for i in plan.indices
             ],
-            "layerwise_seconds": round(time.perf_counter() - run.start, 1),
+            "layerwise_seconds": layerwise_seconds,  # the end-to-end phase excluded
             "compute_dtype": str(plan.settings.compute_dtype),
             **history,
         }

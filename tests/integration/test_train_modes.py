@@ -1,6 +1,7 @@
 """The layer-wise training modes inside llm-compressor's sequential pipeline."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -92,7 +93,18 @@ def test_offloaded_and_resident_layerwise_runs_give_the_same_checkpoint(tmp_path
 
 
 @pytest.mark.integration
-def test_layerwise_then_global_improves_on_its_layer_fits(tmp_path, tiny_llama_dir):
+def test_layerwise_then_global_improves_on_its_layer_fits(
+    tmp_path, tiny_llama_dir, monkeypatch
+):
+    phase_start = {}
+    end_to_end = ToMoEModifier._global_phase
+
+    def timed_phase(self, model, run, loader):
+        phase_start["s"] = time.perf_counter() - run.start
+        time.sleep(0.5)  # the end-to-end phase must not count as layer-wise time
+        return end_to_end(self, model, run, loader)
+
+    monkeypatch.setattr(ToMoEModifier, "_global_phase", timed_phase)
     modifier = ToMoEModifier(
         train_mode="layerwise_then_global",
         report_path=str(tmp_path / "report.json"),
@@ -103,6 +115,10 @@ def test_layerwise_then_global_improves_on_its_layer_fits(tmp_path, tiny_llama_d
     history = report["history"]
     assert report["train_mode"] == "layerwise_then_global" and history
     assert history[-1]["distill_kl"] < history[0]["distill_kl"] * 1.5
+    # the noise anneals from the first step after the layer fits (the default)
+    assert history[0]["noise"] < 1.0 and history[-1]["noise"] == 0.0
+    # the layer-wise phase is timed up to the start of the end-to-end one
+    assert report["layerwise_seconds"] <= round(phase_start["s"], 1) + 0.1
 
 
 @pytest.mark.integration
