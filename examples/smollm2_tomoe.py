@@ -1,7 +1,7 @@
 """
 ToMoE on a real model, end to end on a CPU: SmolLM2-135M-Instruct -> top-1 MoE.
 
-    python examples/smollm2_tomoe.py                 # p = 0.5, about 25 minutes
+    python examples/smollm2_tomoe.py                 # p = 0.5, about 35 minutes
     python examples/smollm2_tomoe.py --ratio 0.7
     python examples/smollm2_tomoe.py --mode global   # the end-to-end phase alone
 
@@ -15,8 +15,8 @@ calibration time and peak memory. Writes ``examples/results/smollm2_p<NN>.json``
 
 Training: ``train_mode: layerwise_then_global``. Each decoder layer's router and
 masks are first fitted to its dense MLP on 16,384 captured tokens (llm-compressor's
-sequential pipeline, about 5 minutes on 2 cores), then the recipe's 300 end-to-end
-steps of 4 x 128 tokens (153,600 tokens) run, about 3 s a step in float32, with the
+sequential pipeline, 4-6 minutes on 2 cores), then the recipe's 300 end-to-end
+steps of 4 x 128 tokens (153,600 tokens) run, 3-3.7 s a step in float32, with the
 Gumbel noise annealed over all of them (``noise_anneal``'s default after a
 layer-wise start). ``--mode global`` starts from the activation-aware warm start
 instead. The paper trains on ~41M tokens; expect a larger perplexity gap than it
