@@ -50,7 +50,7 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "+ mixed calibration": ({}, "mix"),
     "+ 16 experts": ({"num_experts": 16}, "wiki"),
     "+ 32 experts": ({"num_experts": 32}, "wiki"),
-    "+ cached teacher, hidden term, long windows": (
+    "+ cached teacher + hidden term + long windows": (
         {
             "teacher_cache": "sampled",
             "hidden_distill_weight": 1.0,
@@ -79,7 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--recipe", default=str(REPO / "recipes" / "tomoe_50.yaml"))
-    p.add_argument("--variants", default="all", help="comma-separated names or all")
+    p.add_argument(
+        "--variants",
+        default="all",
+        help="comma-separated variant names or their file slugs, or all",
+    )
     p.add_argument("--extra", default="{}", help="JSON fields added to every variant")
     p.add_argument("--out-root", default="outputs/ablation")
     p.add_argument(
@@ -183,6 +187,24 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
+def variant_names(spec: str) -> list[str]:
+    """``--variants``: "all", or comma-separated names or slugs (the result file
+    names), checked before any run starts."""
+    if spec == "all":
+        return list(VARIANTS)
+    by_slug = {slug(name): name for name in VARIANTS}
+    names = []
+    for item in (part.strip() for part in spec.split(",")):
+        name = item if item in VARIANTS else by_slug.get(item)
+        if name is None:
+            raise SystemExit(
+                f"unknown variant {item!r}; choose from: "
+                + ", ".join(f"{n!r} ({slug(n)})" for n in VARIANTS)
+            )
+        names.append(name)
+    return names
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
@@ -191,7 +213,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     root = Path(args.out_root)
-    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    names = variant_names(args.variants)
     started = now()
     dense = dense_reference(root)
     rows = []

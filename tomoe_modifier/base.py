@@ -174,7 +174,9 @@ class ToMoEModifier(Modifier):
         many tokens for training (None: train on the rows as given)
     :param long_window_every: with ``train_window``, every this-many-th step trains
         on the whole rows instead (0: never), mixing long contexts into short ones
-    :param seed: seeds router initialisation and the Gumbel noise
+    :param seed: seeds router initialisation and the Gumbel noise; in the
+        layer-wise modes also torch's global RNG at calibration start, from which
+        llm-compressor's sampler draws which calibration rows the layer fits see
     :param log_every: log one line of losses every this many steps
     :param report_path: optional JSON file for the loss history and expert layout
     """
@@ -495,6 +497,12 @@ class ToMoEModifier(Modifier):
 
     def on_calibration_start(self, state: State, event, **kwargs) -> None:
         if self._sequential is not None:
+            # the sequential pipeline caches the calibration batches right after
+            # this event, in the order of llm-compressor's RandomSampler, which has
+            # no generator of its own (and state.data.calib is a copy of the
+            # pipeline's loader, so we cannot give it one): seeding the global RNG
+            # here is what makes a layer-wise run repeat from process to process
+            torch.manual_seed(self.seed)
             self._sequential.attach()
 
     def on_sequential_epoch_end(self, state: State, event, modules=None, **kwargs):

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.testing_utils import (
     FAST,
+    make_dataset,
     make_model,
     run_oneshot,
     save_model,
@@ -90,6 +91,27 @@ def test_offloaded_and_resident_layerwise_runs_give_the_same_checkpoint(tmp_path
     assert resident.keys() == disk.keys()
     for name in resident:
         assert torch.equal(resident[name], disk[name]), name
+
+
+@pytest.mark.integration
+def test_layerwise_runs_repeat_whatever_the_global_rng(tmp_path, tiny_llama_dir):
+    # llm-compressor shuffles with torch's global RNG; a dataset larger than
+    # num_calibration_samples makes each run's layer fits see other rows
+    dataset = make_dataset(num_samples=64)
+    routers = []
+    for run, global_seed in enumerate((1, 2)):
+        torch.manual_seed(global_seed)  # a fresh process starts anywhere
+        model = run_oneshot(
+            tiny_llama_dir,
+            [ToMoEModifier(train_mode="layerwise", **LAYERWISE)],
+            tmp_path / f"run{run}",
+            dataset=dataset,
+        )
+        routers.append(
+            [layer.mlp.router.weight.clone() for layer in model.model.layers]
+        )
+    for first, second in zip(*routers):
+        assert torch.equal(first, second)
 
 
 @pytest.mark.integration
