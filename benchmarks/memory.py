@@ -192,10 +192,21 @@ class RssBreakdown:
         self._walk_at, self._walk_s = t, time.perf_counter() - self._t0 - t
         mib = memory_model.MIB
         largest = sorted(storages.values(), reverse=True)[:8]
+        by_kind: dict[str, list[int]] = {}  # "shape dtype" -> [storages, bytes]
+        for n, desc in storages.values():
+            kind = by_kind.setdefault(desc, [0, 0])
+            kind[0] += 1
+            kind[1] += n
+        groups = sorted(by_kind.items(), key=lambda item: -item[1][1])[:16]
         self._live = {
             "live_t_s": round(t, 1),
             "live_tensor_mib": round(sum(n for n, _ in storages.values()) / mib, 1),
             "largest_tensors": [f"{n / mib:.1f} MiB {desc}" for n, desc in largest],
+            # many small tensors of one shape (cached batches) add up where no
+            # single one is among the largest
+            "live_by_shape": [
+                f"{b / mib:.1f} MiB in {c} x {desc}" for desc, (c, b) in groups
+            ],
         }
         return self._live
 

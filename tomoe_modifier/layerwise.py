@@ -26,6 +26,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# tokens per slice where a fit computes [T, I] intermediates it does not keep: the
+# fit holds 16k tokens x 1536 channels (96 MiB per array on SmolLM2) at a time
+FIT_CHUNK_TOKENS = 4096
+
 __all__ = [
     "allocate_widths",
     "block_energy",
@@ -172,8 +176,33 @@ def block_energy(h: torch.Tensor, down_weight: torch.Tensor, block_size: int):
     """Per-token output energy of every channel block: sum over the block of
     h_c^2 ||W_down[:, c]||^2. h: [T, I] -> [T, N]."""
     norms = down_weight.detach().float().square().sum(dim=0)  # [I]
-    energy = h.square() * norms
+    energy = h.square().mul_(norms)  # one [T, I] array: the fit's largest
+    if block_size == 1:
+        return energy
     return energy.view(len(h), -1, block_size).sum(-1)
+
+
+def masked_output_error(
+    h: torch.Tensor,
+    down_weight: torch.Tensor,
+    blocks: torch.Tensor,
+    routed: torch.Tensor,
+    block_size: int,
+    chunk: int = FIT_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """``normalised_error`` of the routed experts' output against the dense MLP's,
+    ``chunk`` tokens at a time: whole, its masked copy of h and the two outputs
+    would be four more [T, I]-sized arrays at the fit's memory peak."""
+    weight = down_weight.detach().float()
+    total = h.new_zeros((), dtype=torch.float64)
+    for start in range(0, len(h), chunk):
+        part = h[start : start + chunk]
+        keep = blocks[routed[start : start + chunk]]
+        keep = keep.repeat_interleave(block_size, dim=-1)
+        dense = part @ weight.t()
+        error = normalised_error((part * keep) @ weight.t(), dense)
+        total += error.double() * len(part)
+    return total / len(h)
 
 
 def fit_mlp_layer(
@@ -208,9 +237,7 @@ def fit_mlp_layer(
     routed = (x.float() @ router.t()).argmax(-1)
     (widths,) = allocate_widths([energy], [routed], num_experts, [1], budget_blocks)
     blocks = expert_blocks(energy, routed, widths.tolist())
-    multiplier = blocks[routed].float().repeat_interleave(block_size, dim=-1)
-    weight = down_weight.detach().float()
-    error = normalised_error((h * multiplier) @ weight.t(), h @ weight.t())
+    error = masked_output_error(h, down_weight, blocks, routed, block_size)
     return {
         "router": router,
         "blocks": blocks,

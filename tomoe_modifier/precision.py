@@ -9,16 +9,25 @@ import torch
 __all__ = ["choose_compute_dtype", "machine_info"]
 
 
+def _cpu_has_avx512_bf16() -> bool:
+    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+
+
+def _cpu_has_amx() -> bool:
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
 def _cpu_has_fast_bf16() -> bool:
-    # AVX-512 alone is not enough: bf16 matmuls are only fast with AVX512_BF16/AMX;
-    # on AVX2 machines they ran ~6x slower than fp32.
-    cpu = torch.cpu
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
+    # Only AMX tiles make bf16 GEMMs faster than fp32 on a CPU. AVX512_BF16 alone
+    # does not: a ToMoE training step on SmolLM2 ran 1.51x slower in bf16 than in
+    # fp32 on a 2-core Xeon with AVX512_BF16 and no AMX (benchmarks.train_step,
+    # benchmarks/results/train_step.json); on AVX2 machines bf16 ran ~6x slower.
+    return _cpu_has_amx()
 
 
 def choose_compute_dtype(device: torch.device | str = "cpu") -> torch.dtype:
-    """bfloat16 where the device runs it fast, else float32."""
+    """bfloat16 where the device runs it faster than float32 (CUDA with bf16, a
+    CPU with AMX), else float32."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
@@ -32,6 +41,8 @@ def machine_info() -> dict:
     return {
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_fast_bf16": _cpu_has_fast_bf16(),
+        "cpu_avx512_bf16": _cpu_has_avx512_bf16(),
+        "cpu_amx": _cpu_has_amx(),
         "processor": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -33,7 +33,7 @@ from loguru import logger
 from torch import nn
 
 from tomoe_modifier.distributed import gather_across_ranks
-from tomoe_modifier.layerwise import fit_mlp_layer
+from tomoe_modifier.layerwise import FIT_CHUNK_TOKENS, fit_mlp_layer
 
 __all__ = ["SequentialRun", "calibrate_all_experts_disabled"]
 
@@ -54,6 +54,17 @@ def _dense_weights(moe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         gate_up = moe.gate_up_proj.weight.detach().float()
         down = moe.down_proj.weight.detach().float()
     return gate_up[0::2].cpu(), gate_up[1::2].cpu(), down.cpu()
+
+
+def _channel_activations(act_fn, x, gate, up, chunk: int = FIT_CHUNK_TOKENS):
+    """The dense MLP's channel activations act(x W_g^T) * (x W_u^T) [T, I], filled
+    ``chunk`` tokens at a time: whole, the two projections and the activation
+    would hold three more [T, I] arrays at once."""
+    h = x.new_empty(len(x), gate.shape[0])
+    for start in range(0, len(x), chunk):
+        part = x[start : start + chunk]
+        h[start : start + chunk] = act_fn(part @ gate.t()).mul_(part @ up.t())
+    return h
 
 
 class SequentialRun:
@@ -115,7 +126,7 @@ class SequentialRun:
     def _fit(self, index: int, moe, x: torch.Tensor) -> dict:
         m = self.modifier
         gate, up, down = _dense_weights(moe)
-        h = moe.act_fn(x @ gate.t()) * (x @ up.t())  # [T, I]
+        h = _channel_activations(moe.act_fn, x, gate, up)  # [T, I]
         fit = fit_mlp_layer(
             x,
             h,

@@ -5,7 +5,13 @@ import torch
 
 from tests.testing_utils import FAST, make_model, run_oneshot, save_model
 from tomoe_modifier import ToMoEModifier, ToMoESparseMLP
-from tomoe_modifier.layerwise import allocate_widths
+from tomoe_modifier.layerwise import (
+    allocate_widths,
+    block_energy,
+    masked_output_error,
+    normalised_error,
+)
+from tomoe_modifier.sequential import _channel_activations
 
 
 @pytest.mark.unit
@@ -84,3 +90,24 @@ def test_renamed_fields_still_work_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="warm_start"):
         modifier = ToMoEModifier(init_strategy="dense", init_tokens=128)
     assert modifier.warm_start == "dense" and modifier.warm_start_tokens == 128
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_chunked_fit_arrays_equal_the_whole_ones(block_size):
+    # the fit slices [T, I] work to bound its memory; the numbers must not change
+    g = torch.Generator().manual_seed(0)
+    x, gate, up = (torch.randn(s, generator=g) for s in [(50, 8), (16, 8), (16, 8)])
+    down = torch.randn(8, 16, generator=g)
+    act = torch.nn.functional.silu
+    h = _channel_activations(act, x, gate, up, chunk=7)
+    torch.testing.assert_close(h, act(x @ gate.t()) * (x @ up.t()))
+    norms = down.square().sum(0)
+    whole = (h.square() * norms).view(50, -1, block_size).sum(-1)
+    torch.testing.assert_close(block_energy(h, down, block_size), whole)
+    blocks = torch.rand(3, 16 // block_size, generator=g) > 0.5
+    routed = torch.randint(3, (50,), generator=g)
+    keep = blocks[routed].float().repeat_interleave(block_size, -1)
+    expected = normalised_error((h * keep) @ down.t(), h @ down.t())
+    error = masked_output_error(h, down, blocks, routed, block_size, chunk=7)
+    torch.testing.assert_close(error.float(), expected)

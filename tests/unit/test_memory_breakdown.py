@@ -25,6 +25,7 @@ def test_breakdown_splits_anonymous_and_file_pages_at_the_peak(tmp_path):
     assert peak["rss_mib"] >= peak["anonymous_mib"] + peak["file_mib"]["weights"] - 1
     assert peak["live_tensor_mib"] >= 64 + 15  # the ones tensor and the mapped file
     assert any("float32" in t for t in peak["largest_tensors"])
+    assert any(f"1 x ({64 * 2**20 // 4},) float32" in g for g in peak["live_by_shape"])
     # where the peak was reached: this test, in the thread that entered the sampler
     assert any(":test_breakdown_splits" in call for call in peak["running"])
     del anon, mapped
