@@ -6,10 +6,9 @@ import pytest
 import torch
 from datasets import Dataset
 from pydantic import ValidationError
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from tomoe_modifier import ToMoEModifier
-from tomoe_modifier.base import _seed_calibration_order
 from tomoe_modifier.train import TrainSettings
 
 
@@ -69,22 +68,4 @@ def test_noise_anneal_default_follows_the_train_mode():
 def test_empty_calibration_loader_gets_tomoe_message():
     empty = Dataset.from_dict({"input_ids": [], "attention_mask": []})
     with pytest.raises(ValueError, match="empty calibration dataset"):
-        ToMoEModifier._check_calibration_data(DataLoader(empty), seed=0)
-
-
-@pytest.mark.unit
-def test_seed_fixes_the_shuffled_calibration_order_whatever_the_global_rng():
-    def order(global_seed: int, generator=None) -> list[int]:
-        loader = DataLoader(
-            range(64),
-            sampler=RandomSampler(range(64), num_samples=16, generator=generator),
-        )
-        _seed_calibration_order(loader, seed=3)
-        torch.manual_seed(global_seed)  # another process's start
-        return [int(b) for _ in range(2) for b in loader]  # two passes
-
-    first = order(1)
-    assert first == order(2)
-    assert first[:16] != first[16:]  # each pass still reshuffles
-    mine = torch.Generator().manual_seed(9)
-    assert order(1, mine) == order(1, torch.Generator().manual_seed(9)) != first
+        ToMoEModifier._check_calibration_data(DataLoader(empty))
