@@ -109,10 +109,6 @@ def main() -> None:
     # Select model and load it.
     model_dir = prepare_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    save_dir = Path(
-        args.output or f"outputs/SmolLM2-135M-Instruct-ToMoE-E8-{prefix}{tag}"
-    )
-
     # Select calibration dataset: Wikipedia train articles packed into windows
     # (the test articles are never seen).
     dataset = build_calibration_dataset(
@@ -126,6 +122,10 @@ def main() -> None:
     if args.mode != "global":
         tomoe["warm_start_tokens"] = WARM_START_TOKENS
     tomoe_settings = dict(tomoe)
+    experts = tomoe["num_experts"]
+    save_dir = Path(
+        args.output or f"outputs/SmolLM2-135M-Instruct-ToMoE-E{experts}-{prefix}{tag}"
+    )
     report_path = save_dir / "tomoe_report.json"
     tomoe["report_path"] = str(report_path)
     t0 = time.perf_counter()
