@@ -32,10 +32,15 @@ layerwise (llm-compressor's sequential pipeline: one decoder layer on the device
     host          N_cal * S * (D + 2 d_head) * a     one copy of every batch's
                   hidden states and RoPE cos/sin (llm-compressor keeps a subgraph's
                   inputs until it has propagated them)
-                  + T_fit * (2 D + 4 I) * 4          the fit at its peak
-                  (``fit_mlp_layer``'s error: inputs, dense output, h, the mask
-                  multiplier, the masked h and the energy, fp32; measured there)
-                  + 3 D I * 4                        the layer's fp32 weights
+                  + N_cal * S^2 * a                  every batch's causal mask
+                  + T_fit * (2 D + 2 I) * 4          the fit at its peak (inputs,
+                  their unit copy, h and the channel energy, fp32; the rest is
+                  sliced 4096 tokens at a time)
+                  + L * 3 D I * w                    the converted MLPs' weights of
+                  *every* layer: the structural conversion in ``on_initialize``
+                  leaves them in host memory even when the model is offloaded to
+                  disk (measured: 30 x gate_up [3072, 576] + down [576, 1536] fp32
+                  live at the peak on SmolLM2); a known gap, not the design
 
 N tokens per step (batch x window), L layers, D hidden, D_kv key/value width, I MLP
 width, V vocabulary, E experts. Attention is SDPA (no [S, S] matrix is stored).
@@ -141,8 +146,9 @@ def layerwise_bytes(
     head_dim = d // s.heads
     host = (
         calibration_samples * window * (d + 2 * head_dim) * act_bytes
-        + fit_tokens * (2 * d + 4 * i) * 4
-        + 3 * d * i * 4
+        + calibration_samples * window * window * act_bytes
+        + fit_tokens * (2 * d + 2 * i) * 4
+        + s.layers * 3 * d * i * weight_bytes
     )
     return {**terms, "total": sum(terms.values()), "host": host}
 
