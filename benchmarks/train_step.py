@@ -88,11 +88,8 @@ def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
     import tomoe_modifier  # noqa: F401  (registers ToMoEModifier)
-    from tomoe_modifier.assets import (
-        build_calibration_dataset,
-        load_split,
-        prepare_smollm2,
-    )
+    from benchmarks.ablation import calibration
+    from tomoe_modifier.assets import prepare_smollm2
 
     if args.steps < 2:
         raise SystemExit("--steps must be >= 2: the first step of a run is dropped")
@@ -100,9 +97,7 @@ def main(argv=None) -> None:
     started = now()
     model_dir = prepare_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dataset = build_calibration_dataset(
-        tokenizer, load_split("wiki_train"), 128, seed=0
-    )
+    dataset, _ = calibration(tokenizer, model_dir, "wiki")  # the ablation's rows
     steps: dict[str, list[float]] = {dtype: [] for dtype in DTYPES}
     t0 = time.perf_counter()
     for round_ in range(args.rounds):

@@ -33,6 +33,7 @@ FIT_CHUNK_TOKENS = 4096
 __all__ = [
     "allocate_widths",
     "block_energy",
+    "masked_output_error",
     "fit_mlp_layer",
     "cluster_tokens",
     "dense_activations",
