@@ -16,7 +16,9 @@ time; it needs ``--mode layerwise``. Quality per mode comes from
 Run each mode in its own process: the peak of a process only grows. During
 ``oneshot`` a sampler keeps what the resident memory was made of at its peak
 (anonymous pages, and file pages of the offload folder, the checkpoint and the
-libraries). The JSON also
+libraries), and at the peaks of the calibration and of the checkpoint save apart
+(``at_peak_by_phase``: llm-compressor's save gathers every weight of an offloaded
+model, so its peak is not ToMoE's). The JSON also
 holds the prediction of ``benchmarks.memory_model`` for this run (on a CPU the
 device is the host, so layer-wise counts both), to compare with the peak above the
 imports.
@@ -96,6 +98,8 @@ class RssBreakdown:
         self._walk_at = self._walk_s = 0.0  # when it started, how long it took
         self.peak_mib = 0.0
         self.at_peak: dict = {}
+        self.phase_peak_mib: dict[str, float] = {}  # "calibration" / "save"
+        self.at_phase_peak: dict[str, dict] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._t0 = time.perf_counter()
@@ -119,11 +123,23 @@ class RssBreakdown:
                 return label
         return "other files (libraries)"
 
+    def _phase(self, running: list[str]) -> str:
+        """Phase "save" once oneshot writes the checkpoint (llm-compressor's
+        post-process gathers every weight), "calibration" before: their peaks
+        differ in kind."""
+        saving = any("post_process" in c or "save_pretrained" in c for c in running)
+        return "save" if saving else "calibration"
+
     def _sample(self):
         rss = _status_kib("VmRSS") / 1024
-        if rss < self.peak_mib + 8:  # re-read smaps only on a new peak
+        running = self._running()
+        phase = self._phase(running)
+        # re-read smaps only on a new peak of the process or of this phase
+        if rss < self.peak_mib + 8 and rss < self.phase_peak_mib.get(phase, 0) + 8:
             return
-        self.peak_mib = rss
+        self.phase_peak_mib[phase] = max(rss, self.phase_peak_mib.get(phase, 0))
+        new_peak = rss >= self.peak_mib + 8
+        self.peak_mib = max(rss, self.peak_mib)
         by_file: dict[str, float] = {}
         anon = 0.0
         path = ""
@@ -142,14 +158,17 @@ class RssBreakdown:
                             by_file[label] = by_file.get(label, 0) + kib
         except OSError:
             return
-        self.at_peak = {
+        snapshot = {
             "rss_mib": round(rss, 1),
             "t_s": round(time.perf_counter() - self._t0, 1),
-            "running": self._running(),
+            "running": running,
             **self._live_tensors(),
             "anonymous_mib": round(anon / 1024, 1),
             "file_mib": {k: round(v / 1024, 1) for k, v in sorted(by_file.items())},
         }
+        self.at_phase_peak[phase] = snapshot
+        if new_peak:
+            self.at_peak = snapshot
 
     def _running(self, depth: int = 6) -> list[str]:
         """The innermost calls of the oneshot thread in ``packages`` (this
@@ -308,6 +327,8 @@ def main(argv=None) -> None:
         },
         "oneshot_wall_s": round(wall, 1),
         "at_peak_during_oneshot": breakdown.at_peak,
+        # the same, for the calibration (training, layer fits) and the save apart
+        "at_peak_by_phase": breakdown.at_phase_peak,
     }
     write_json(args.out, result)
     print(result)

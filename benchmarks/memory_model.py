@@ -36,12 +36,11 @@ layerwise (llm-compressor's sequential pipeline: one decoder layer on the device
                   + T_fit * (2 D + 2 I) * 4          the fit at its peak (inputs,
                   their unit copy, h and the channel energy, fp32; the rest is
                   sliced 4096 tokens at a time)
-                  + L * 3 D I * w                    the converted MLPs' weights of
-                  *every* layer: the structural conversion in ``on_initialize``
-                  leaves them in host memory even when the model is offloaded to
-                  disk (measured: 30 x gate_up [3072, 576] + down [576, 1536] fp32
-                  live at the peak on SmolLM2); a known gap, not the design
-
+                  + 3 D I * 4                        the fitted layer's dense MLP
+                  weights, onloaded in fp32 for its fit (every other converted MLP
+                  stays offloaded, on disk if the model is; before the fix of
+                  ``convert.match_offloading`` all L of them were kept in host
+                  memory, 304 MiB on SmolLM2)
 N tokens per step (batch x window), L layers, D hidden, D_kv key/value width, I MLP
 width, V vocabulary, E experts. Attention is SDPA (no [S, S] matrix is stored).
 """
@@ -148,7 +147,7 @@ def layerwise_bytes(
         calibration_samples * window * (d + 2 * head_dim) * act_bytes
         + calibration_samples * window * window * act_bytes
         + fit_tokens * (2 * d + 2 * i) * 4
-        + s.layers * 3 * d * i * weight_bytes
+        + 3 * d * i * 4
     )
     return {**terms, "total": sum(terms.values()), "host": host}
 

@@ -157,12 +157,23 @@ def build_sparse_mlp(
 
 def match_offloading(new: nn.Module, old: nn.Module) -> None:
     """Offload ``new`` like ``old`` (compressed-tensors offloading: CPU or disk), so a
-    converted MLP of an offloaded model does not stay resident."""
+    converted MLP of an offloaded model does not stay resident.
+
+    The cache to copy is that of a module that holds weights: the dispatcher gives
+    weightless containers (the MLP itself, the decoder layer) an empty CPU cache
+    even when every weight is on disk, and copying that one kept every converted
+    MLP in host memory.
+    """
     from compressed_tensors.offload import get_cache_init_kwargs, offload_module
     from compressed_tensors.offload.cache import OffloadCache
 
     like = next(
-        (m for m in old.modules() if isinstance(m._parameters, OffloadCache)), None
+        (
+            m
+            for m in old.modules()
+            if isinstance(m._parameters, OffloadCache) and len(m._parameters) > 0
+        ),
+        None,
     )
     if like is None:
         return

@@ -63,7 +63,7 @@ def test_layerwise_conversion_equals_its_own_gates(tmp_path, tiny_llama_dir):
 
 @pytest.mark.integration
 def test_offloaded_and_resident_layerwise_runs_give_the_same_checkpoint(tmp_path):
-    from compressed_tensors.offload import load_offloaded_model
+    from compressed_tensors.offload import get_offloaded_device, load_offloaded_model
 
     dense_dir = save_model(make_model("llama"), tmp_path / "dense")
     run_oneshot(
@@ -80,12 +80,16 @@ def test_offloaded_and_resident_layerwise_runs_give_the_same_checkpoint(tmp_path
             offload_folder=str(tmp_path / "offload"),
         )
     assert any(tmp_path.joinpath("offload").iterdir()), "nothing was offloaded"
-    run_oneshot(
+    converted = run_oneshot(
         offloaded,
         [ToMoEModifier(train_mode="layerwise", **LAYERWISE)],
         tmp_path / "disk",
         shuffle_calibration_samples=False,
     )
+    # the converted experts stay on disk like the rest, not in host memory
+    for layer in converted.model.layers:
+        for proj in (layer.mlp.gate_up_proj, layer.mlp.down_proj, layer.mlp.router):
+            assert get_offloaded_device(proj) == "disk"
     resident = load_file(tmp_path / "resident" / "model.safetensors")
     disk = load_file(tmp_path / "disk" / "model.safetensors")
     assert resident.keys() == disk.keys()
