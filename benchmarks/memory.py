@@ -96,10 +96,7 @@ class RssBreakdown:
         self._main = threading.get_ident()  # the thread running oneshot
         self._live: dict = {}  # the last live-tensor walk
         self._walk_at = self._walk_s = 0.0  # when it started, how long it took
-        self.peak_mib = 0.0
-        self.at_peak: dict = {}
-        self.phase_peak_mib: dict[str, float] = {}  # "calibration" / "save"
-        self.at_phase_peak: dict[str, dict] = {}
+        self.at_phase_peak: dict[str, dict] = {}  # "calibration" / "save"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._t0 = time.perf_counter()
@@ -134,12 +131,10 @@ class RssBreakdown:
         rss = _status_kib("VmRSS") / 1024
         running = self._running()
         phase = self._phase(running)
-        # re-read smaps only on a new peak of the process or of this phase
-        if rss < self.peak_mib + 8 and rss < self.phase_peak_mib.get(phase, 0) + 8:
+        # re-read smaps only on a new peak of this phase (the process's peak is
+        # the highest phase peak)
+        if rss < self.at_phase_peak.get(phase, {}).get("rss_mib", 0) + 8:
             return
-        self.phase_peak_mib[phase] = max(rss, self.phase_peak_mib.get(phase, 0))
-        new_peak = rss >= self.peak_mib + 8
-        self.peak_mib = max(rss, self.peak_mib)
         by_file: dict[str, float] = {}
         anon = 0.0
         path = ""
@@ -158,7 +153,7 @@ class RssBreakdown:
                             by_file[label] = by_file.get(label, 0) + kib
         except OSError:
             return
-        snapshot = {
+        self.at_phase_peak[phase] = {
             "rss_mib": round(rss, 1),
             "t_s": round(time.perf_counter() - self._t0, 1),
             "running": running,
@@ -166,9 +161,12 @@ class RssBreakdown:
             "anonymous_mib": round(anon / 1024, 1),
             "file_mib": {k: round(v / 1024, 1) for k, v in sorted(by_file.items())},
         }
-        self.at_phase_peak[phase] = snapshot
-        if new_peak:
-            self.at_peak = snapshot
+
+    @property
+    def at_peak(self) -> dict:
+        """The snapshot at the process's peak: the highest of the phases'."""
+        peaks = self.at_phase_peak.values()
+        return max(peaks, key=lambda a: a["rss_mib"], default={})
 
     def _running(self, depth: int = 6) -> list[str]:
         """The innermost calls of the oneshot thread in ``packages`` (this

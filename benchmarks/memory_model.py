@@ -38,9 +38,7 @@ layerwise (llm-compressor's sequential pipeline: one decoder layer on the device
                   sliced 4096 tokens at a time)
                   + 3 D I * 4                        the fitted layer's dense MLP
                   weights, onloaded in fp32 for its fit (every other converted MLP
-                  stays offloaded, on disk if the model is; before the fix of
-                  ``convert.match_offloading`` all L of them were kept in host
-                  memory, 304 MiB on SmolLM2)
+                  stays offloaded, on disk if the model is: ``match_offloading``)
 N tokens per step (batch x window), L layers, D hidden, D_kv key/value width, I MLP
 width, V vocabulary, E experts. Attention is SDPA (no [S, S] matrix is stored).
 """
