@@ -22,6 +22,7 @@ from tomoe_modifier.convert import (
     final_layer_masks,
     final_qk_dims,
     prune_attention,
+    store_in_union_order,
 )
 from tomoe_modifier.correction import expert_output_biases
 from tomoe_modifier.distributed import broadcast_parameters, is_main_process
@@ -525,6 +526,8 @@ class ToMoEModifier(Modifier):
         history = {"train_seconds": 0.0, "tokens": 0, "history": []}
         if self.train_mode == "layerwise_then_global":
             history = self._global_phase(state.model, run, state.data.calib)
+        for moe in run.moes.values():  # each expert's channels in few runs
+            store_in_union_order(moe)
         plan = run.plan
         widths = [(run.moes[i].expert_widths()).tolist() for i in plan.indices]
         self._report = {

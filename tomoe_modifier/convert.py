@@ -26,6 +26,7 @@ __all__ = [
     "prune_attention",
     "order_union_blocks",
     "build_sparse_mlp",
+    "store_in_union_order",
     "convert_model",
 ]
 
@@ -153,6 +154,47 @@ def build_sparse_mlp(
         moe.expert_bias.copy_(expert_bias)
     moe.requires_grad_(False)
     return moe
+
+
+@torch.no_grad()
+def store_in_union_order(moe: ToMoESparseMLP) -> None:
+    """
+    Rewrite an already converted MLP's channel blocks into ``order_union_blocks``'
+    storage order (unused blocks last), in place and offload-aware. The layer-wise
+    modes convert the structure before training, in the dense channel order, where
+    every expert is spread over hundreds of runs; in this order the CPU fast path
+    multiplies most experts' channels as a few views of the weights instead of
+    gathering their rows. The MLP computes the same (a channel permutation).
+    """
+    from compressed_tensors.offload import update_offload_parameter
+    from compressed_tensors.utils import align_module_device
+
+    with align_module_device(moe):
+        blocks = moe.expert_blocks.detach().cpu()
+        order = order_union_blocks(blocks)
+        used = set(order)
+        order += [j for j in range(blocks.shape[1]) if j not in used]
+        if order == sorted(order):
+            return
+        index = torch.tensor(order)
+        block = torch.arange(moe.block_size)
+        channels = (index[:, None] * moe.block_size + block).flatten()
+        rows = torch.stack([2 * channels, 2 * channels + 1], dim=1).flatten()
+        new = {
+            (moe.gate_up_proj, "weight"): (moe.gate_up_proj.weight, rows, 0),
+            (moe.down_proj, "weight"): (moe.down_proj.weight, channels, 1),
+            (moe, "expert_blocks"): (moe.expert_blocks, index, 1),
+        }
+        if moe.gate_up_proj.bias is not None:
+            new[(moe.gate_up_proj, "bias")] = (moe.gate_up_proj.bias, rows, 0)
+        if moe.shared_gate is not None:
+            new[(moe, "shared_blocks")] = (moe.shared_blocks, index, 0)
+        new = {
+            key: value.index_select(dim, i.to(value.device))
+            for key, (value, i, dim) in new.items()
+        }
+    for (module, name), value in new.items():
+        update_offload_parameter(module, name, value)
 
 
 def match_offloading(new: nn.Module, old: nn.Module) -> None:

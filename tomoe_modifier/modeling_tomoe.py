@@ -77,6 +77,17 @@ __all__ = [
 # SmolLM2-135M MLPs: above it a batched GEMM beats the per-channel loop.
 KERNEL_MAX_TOKENS = 16
 KERNEL_ENV = "TOMOE_CPU_KERNEL"  # "auto" (default), "cpp" (must build) or "torch"
+# A GEMM group multiplies its expert's channels either as views of the contiguous
+# runs of the union that hold them (the storage order keeps runs few; nearby runs are
+# merged, the channels between them masked) or after gathering its rows, whichever
+# the cost model prices lower. Unit: one channel's gate, up and down multiply-adds
+# for one token. Gathering a channel's three rows costs GATHER_ROW_COST, each GEMM
+# segment SEGMENT_COST (its launches and elementwise ops); measured on SmolLM2-135M
+# prefill MLPs on a 2-core Xeon (AVX-512), float32, torch 2.13 (gathering a row ~0.6
+# us, a channel-token ~25 ns).
+GATHER_ROW_COST = 24
+SEGMENT_COST = 1000
+SEGMENT_GAPS = (0, 8, 32, 128, 1 << 30)  # merge runs at most this many channels apart
 
 _KERNEL_SOURCE = r"""
 #include <torch/extension.h>
@@ -335,6 +346,68 @@ def _subset_mlp(x, gate_up, gate_up_bias, down_t, channels, act_fn, silu, scale)
     return _gathered_mlp(x, gate_up, gate_up_bias, down_t, channels, act_fn, scale)
 
 
+def _expert_segments(mask: torch.Tensor, holes: bool):
+    """Per expert and per entry g of SEGMENT_GAPS, the channel ranges covering the
+    expert's channels, runs at most g channels apart merged (``holes``: merged
+    ranges contain channels it does not use; without ``holes`` every entry lists the
+    exact runs). mask: bool [E, U] -> (flat (start, end, holes) triples, offsets)."""
+    flat, offsets = [], [0]
+    for row in mask:
+        padded = torch.cat([row.new_zeros(1), row, row.new_zeros(1)]).int()
+        edges = padded.diff().nonzero().flatten().tolist()
+        runs = list(zip(edges[0::2], edges[1::2]))  # [start, end) of each run
+        for gap in SEGMENT_GAPS:
+            merged: list[list[int]] = []
+            for start, end in runs:
+                if merged and holes and start - merged[-1][1] <= gap:
+                    merged[-1][1], merged[-1][2] = end, 1
+                else:
+                    merged.append([start, end, 0])
+            flat.extend(v for triple in merged for v in triple)
+            offsets.append(len(flat))
+    return torch.tensor(flat, dtype=torch.long), torch.tensor(offsets)
+
+
+def _segment_mlp(x, gate_up, gate_up_bias, down_t, segments, member, e, act_fn, scale):
+    """One expert's channels on its tokens x [T, D] -> [T, D], multiplying views of
+    the union: ``segments`` lists (start, end, holes) channel ranges; in a range with
+    holes the channels expert ``e`` does not use (``member`` bit e clear) are zeroed."""
+    y = None
+    for start, end, holes in segments:
+        bias = None if gate_up_bias is None else gate_up_bias[2 * start : 2 * end]
+        gu = F.linear(x, gate_up[2 * start : 2 * end], bias).view(-1, end - start, 2)
+        h = act_fn(gu[..., 0]) * gu[..., 1]  # [T, W]
+        if holes:
+            used = member[start:end].bitwise_right_shift(e).bitwise_and(1)
+            h = h * used.to(h.dtype)
+        if scale is not None:
+            scaled, token_scale = scale
+            shared = scaled[start:end].bool()[None, :]
+            h = (h * torch.where(shared, token_scale[:, None], 1.0)).to(h.dtype)
+        down = down_t[start:end]
+        y = torch.mm(h, down) if y is None else y.addmm_(h, down)
+    return x.new_zeros(x.shape) if y is None else y
+
+
+def _cheapest_segments(segments, segment_offsets, e, tokens, width):
+    """The segment list of expert ``e`` that the cost model prices below gathering
+    its ``width`` rows for ``tokens`` tokens, or None (gather)."""
+    per_expert = len(SEGMENT_GAPS)
+    if segment_offsets.numel() == 0:  # tables built while compiling
+        return None
+    bounds = segment_offsets[e * per_expert : (e + 1) * per_expert + 1].tolist()
+    flat = segments[bounds[0] : bounds[-1]].tolist()
+    best, best_cost = None, width * (GATHER_ROW_COST + tokens) + 2 * SEGMENT_COST
+    for g in range(per_expert):
+        lo, hi = bounds[g] - bounds[0], bounds[g + 1] - bounds[0]
+        triples = [tuple(flat[i : i + 3]) for i in range(lo, hi, 3)]
+        cover = sum(end - start for start, end, _ in triples)
+        cost = cover * tokens + len(triples) * SEGMENT_COST
+        if cost < best_cost:
+            best, best_cost = triples, cost
+    return best
+
+
 def moe_mlp(
     moe: "ToMoESparseMLP",
     x: torch.Tensor,
@@ -352,6 +425,8 @@ def moe_mlp(
         tables["channels"],
         tables["offsets"],
         tables["member"],
+        tables["segments"],
+        tables["segment_offsets"],
         expert_ids,
         None if token_scale is None else tables["scaled"],
         token_scale,
@@ -362,8 +437,20 @@ def moe_mlp(
     return y
 
 
-@torch.library.custom_op("tomoe::moe_mlp", mutates_args=())
-def _moe_mlp_op(
+def _op_name(fn) -> str:
+    """``tomoe::moe_mlp_<digest of the op's module and source>``. One process may hold
+    several copies of this file (the package and checkpoints' ``modeling_tomoe.py``,
+    possibly of other releases), and torch accepts a second definition of a custom
+    op under an existing name, after which calls of it corrupt memory (even with an
+    equal schema, torch 2.13): a name per copy keeps their ops apart."""
+    import hashlib
+    import inspect
+
+    key = f"{fn.__module__}\n{inspect.getsource(fn)}"
+    return f"tomoe::moe_mlp_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def _moe_mlp_impl(
     x: torch.Tensor,
     gate_up: torch.Tensor,
     gate_up_bias: torch.Tensor | None,
@@ -371,6 +458,8 @@ def _moe_mlp_op(
     channels: torch.Tensor,
     offsets: torch.Tensor,
     member: torch.Tensor,
+    segments: torch.Tensor,
+    segment_offsets: torch.Tensor,
     expert_ids: torch.Tensor,
     scaled: torch.Tensor | None,
     token_scale: torch.Tensor | None,
@@ -381,7 +470,9 @@ def _moe_mlp_op(
     channels [sum of widths] lists each expert's union channels, expert e at
     channels[offsets[e]:offsets[e+1]]; member [U] holds bit e for channel c when
     expert e uses it; scaled [U] (uint8) marks the channels multiplied by the
-    token's token_scale [T] (the shared layout's gated shared channels).
+    token's token_scale [T] (the shared layout's gated shared channels);
+    segments holds, per expert and per entry of SEGMENT_GAPS, the (start, end, holes)
+    channel ranges covering the expert, flattened, located by segment_offsets.
     """
     act_fn = ACT2FN[hidden_act]
     silu = hidden_act == "silu"
@@ -413,19 +504,33 @@ def _moe_mlp_op(
         if n:
             xe = xs[start : start + n]
             se = None if scale is None else (scaled, ts[start : start + n])
-            ye = _subset_mlp(
-                xe,
-                gate_up,
-                gate_up_bias,
-                down_t,
-                channels[bounds[e] : bounds[e + 1]],
-                act_fn,
-                silu,
-                se,
-            )
+            width = bounds[e + 1] - bounds[e]
+            plan = None
+            if n > KERNEL_MAX_TOKENS or kernel is None:
+                plan = _cheapest_segments(segments, segment_offsets, e, n, width)
+            if plan is not None:
+                ye = _segment_mlp(
+                    xe, gate_up, gate_up_bias, down_t, plan, member, e, act_fn, se
+                )
+            else:
+                ye = _subset_mlp(
+                    xe,
+                    gate_up,
+                    gate_up_bias,
+                    down_t,
+                    channels[bounds[e] : bounds[e + 1]],
+                    act_fn,
+                    silu,
+                    se,
+                )
             parts.append(ye)
         start += n
     return F.embedding(torch.argsort(order), torch.cat(parts))
+
+
+_moe_mlp_op = torch.library.custom_op(_op_name(_moe_mlp_impl), mutates_args=())(
+    _moe_mlp_impl
+)
 
 
 @_moe_mlp_op.register_fake
@@ -533,8 +638,9 @@ class ToMoESparseMLP(nn.Module):
     def expert_tables(self) -> dict:
         """Index tables of the fast path, rebuilt when ``expert_blocks`` changes:
         ``channels`` (each expert's channels, concatenated), ``offsets`` [E+1],
-        ``member`` [U] (bit e set when expert e uses the channel; empty if E > 63)
-        and ``scaled`` [U] (uint8: the gated shared channels).
+        ``member`` [U] (bit e set when expert e uses the channel; empty if E > 63),
+        ``scaled`` [U] (uint8: the gated shared channels) and each expert's
+        contiguous ranges (``segments``, ``segment_offsets``; see ``_moe_mlp_op``).
         """
         if torch.compiler.is_compiling() and self._tables:
             # the expert sets are fixed at inference; dynamo cannot trace the
@@ -556,13 +662,20 @@ class ToMoESparseMLP(nn.Module):
             scaled = torch.zeros(self.union_size, dtype=torch.uint8)
             if self.shared_gate is not None:
                 scaled = self.shared_channels().to(torch.uint8).cpu()
+            compiling = torch.compiler.is_compiling()
+            if compiling:  # dynamo cannot trace the run lengths; decode needs none
+                segments = segment_offsets = torch.zeros(0, dtype=torch.long)
+            else:
+                segments, segment_offsets = _expert_segments(mask, member.numel() > 0)
             self._tables = {
                 "channels": channels,
                 "offsets": offsets,
                 "member": member,
                 "scaled": scaled,
+                "segments": segments,
+                "segment_offsets": segment_offsets,
             }
-            self._tables_key = key
+            self._tables_key = None if compiling else key  # eager rebuilds them
         return self._tables
 
     def shared_channels(self) -> torch.Tensor:

@@ -17,10 +17,23 @@ from tests.testing_utils import (
     shipped_recipe,
 )
 from tomoe_modifier import ToMoEModifier, ToMoESparseMLP
+from tomoe_modifier.convert import order_union_blocks
 from tomoe_modifier.router import LayerMasks, build_routers
 from tomoe_modifier.train import GatedMLPs
 
 LAYERWISE = dict(FAST, warm_start_tokens=512)
+
+
+def _masks_in_dense_order(mlp, moe):
+    """A converted MLP's expert masks [E, I] in the dense MLP's channel order: the
+    layer-wise modes store the channels permuted, and each stored gate row is found
+    among the dense ones."""
+    rows = moe.gate_up_proj.weight[0::2]  # [U, D], U == I here
+    match = (rows[:, None, :] == mlp.gate_proj.weight[None]).all(dim=-1)  # [U, I]
+    assert match.sum(dim=1).eq(1).all(), "stored channels are not the dense ones"
+    masks = torch.zeros_like(moe.expert_blocks)
+    masks[:, match.int().argmax(dim=1)] = moe.expert_blocks
+    return masks.float()
 
 
 def _gated_logits(dense_dir, converted, x):
@@ -34,7 +47,9 @@ def _gated_logits(dense_dir, converted, x):
     mlps = [layer.mlp for layer in dense.model.layers]
     gates = GatedMLPs(mlps, [m.down_proj for m in mlps], routers, 1, 0.4)
     gates.noise = 0.0
-    gates.layer_masks = [LayerMasks(m.expert_blocks.float()) for m in moes]
+    gates.layer_masks = [
+        LayerMasks(_masks_in_dense_order(mlp, moe)) for mlp, moe in zip(mlps, moes)
+    ]
     with torch.no_grad(), gates:
         return dense(x).logits
 
@@ -49,6 +64,9 @@ def test_layerwise_conversion_equals_its_own_gates(tmp_path, tiny_llama_dir):
     moes = [layer.mlp for layer in model.model.layers]
     assert all(isinstance(m, ToMoESparseMLP) for m in moes)
     assert all(not m.expert_blocks.all() for m in moes), "layers were not fitted"
+    for m in moes:  # stored in the union order, as a global-mode conversion stores
+        used = order_union_blocks(m.expert_blocks)
+        assert used == list(range(len(used)))
     report = modifier.report
     assert [r["layer"] for r in report["layerwise"]] == [0, 1]
     assert abs(report["active_ratio_uniform_routing"] - 0.6) < 0.05

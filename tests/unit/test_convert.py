@@ -4,8 +4,14 @@ import pytest
 import torch
 
 from tests.testing_utils import assert_cached_decoding_matches, make_model
-from tomoe_modifier.convert import convert_model, final_layer_masks, order_union_blocks
+from tomoe_modifier.convert import (
+    convert_model,
+    final_layer_masks,
+    order_union_blocks,
+    store_in_union_order,
+)
 from tomoe_modifier.mappings import get_layout
+from tomoe_modifier.modeling_tomoe import ToMoESparseMLP
 from tomoe_modifier.router import ExpertHypernetwork, LayerMasks, LayerRouter
 from tomoe_modifier.train import GatedMLPs
 
@@ -83,6 +89,34 @@ def test_order_union_blocks_keeps_the_widest_expert_contiguous():
     for pos, pattern in enumerate(patterns):  # equal membership sits together
         assert pattern not in starts or patterns[pos - 1] == pattern
         starts.setdefault(pattern, pos)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_store_in_union_order_computes_the_same_in_fewer_runs(block, bias):
+    """The layer-wise modes' MLPs, converted in the dense order, are rewritten in the
+    storage order of a global-mode conversion: same output, few runs per expert."""
+    torch.manual_seed(0)
+    moe = ToMoESparseMLP(32, 256, 4, block, bias=bias).eval()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0, 0.2)
+    moe.expert_blocks.copy_(torch.rand(4, 256 // block) > 0.5)
+    moe.expert_blocks[:, -1] = False  # a block no expert uses goes last
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        before = moe(x)
+    store_in_union_order(moe)
+    with torch.no_grad():
+        after = moe(x)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    blocks = moe.expert_blocks.int()
+    runs = torch.diff(blocks, dim=1, prepend=torch.zeros(4, 1, dtype=torch.int)) == 1
+    assert runs.sum(dim=1).max() <= 8  # Gray code: at most 2^(E-1) runs, not ~N/4
+    assert not blocks[:, -1].any()
+    weight = moe.gate_up_proj.weight.clone()
+    store_in_union_order(moe)  # already in order: unchanged
+    assert torch.equal(moe.gate_up_proj.weight, weight)
 
 
 @pytest.mark.unit

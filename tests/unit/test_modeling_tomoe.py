@@ -64,6 +64,48 @@ def test_fast_path_equals_masked_reference(kernel, bias, tokens, block, shared):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("shared", [False, True])
+def test_large_groups_take_views_or_gathers_and_equal_the_reference(kernel, shared):
+    """Prefill-sized groups: experts covering few runs of the union multiply views of
+    them (holes between merged runs masked), scattered ones gather their rows."""
+    moe = _random_moe(experts=3, union=256, block=1, bias=True, shared=shared)
+    moe.expert_blocks[0] = torch.arange(256) < 200  # one run
+    moe.expert_blocks[1] = torch.arange(256) % 68 < 64  # 4 runs, gaps of 4
+    moe.expert_blocks[2] = torch.rand(256) > 0.8  # scattered
+    if shared:
+        moe.expert_blocks[:, moe.shared_blocks] = True
+    tables = moe.expert_tables()
+    segments = [
+        modeling._cheapest_segments(
+            tables["segments"], tables["segment_offsets"], e, 150, int(width)
+        )
+        for e, width in enumerate(moe.expert_widths())
+    ]
+    if not shared:
+        assert segments[0] == [(0, 200, 0)]
+        assert segments[1] == [(0, 256, 1)]  # merged across its holes
+        assert segments[2] is None  # gathered
+    x = torch.randn(450, 64)
+    with torch.no_grad():
+        fast = moe(x)
+    torch.testing.assert_close(fast, masked_reference(moe, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.unit
+def test_expert_segments_list_exact_runs_and_merged_ranges():
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0, 1, 1]], dtype=torch.bool)
+    flat, offsets = modeling._expert_segments(mask, holes=True)
+    per_gap = [
+        flat[offsets[g] : offsets[g + 1]].view(-1, 3).tolist()
+        for g in range(len(modeling.SEGMENT_GAPS))
+    ]
+    assert per_gap[0] == [[0, 2, 0], [4, 5, 0], [6, 8, 0]]
+    assert per_gap[-1] == [[0, 8, 1]]
+    exact, _ = modeling._expert_segments(mask, holes=False)  # no member bits
+    assert exact.view(-1, 3).tolist() == per_gap[0] * len(modeling.SEGMENT_GAPS)
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("tokens", [1, 5, 40])
 def test_bfloat16_fast_path_matches_reference(kernel, tokens):
     moe = _random_moe().to(torch.bfloat16)
@@ -247,3 +289,38 @@ def test_config_names_one_expert_per_token_and_no_dense_mlp_in_tp_plan():
         assert config.num_experts_per_tok == 1
         plan = config.base_model_tp_plan or {}
         assert plan and not any(".mlp." in key for key in plan)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("release", ["this", "another"])
+def test_a_checkpoint_copy_of_the_file_keeps_its_own_op(tmp_path, monkeypatch, release):
+    """A process can hold the package's modeling file and checkpoints' copies of it
+    (of this or another release). Each copy's custom op gets its own name: torch
+    accepts a second definition under one name, and calls of it then corrupt memory
+    (std::bad_alloc or a segfault, torch 2.13, even with an equal schema)."""
+    import importlib.util
+    import sys
+
+    source = open(modeling.__file__).read()
+    if release == "another":
+        source = source.replace(
+            "    act_fn = ACT2FN[hidden_act]\n    silu =",
+            "    act_fn = ACT2FN[hidden_act]  # another release\n    silu =",
+        )
+    path = tmp_path / "modeling_tomoe.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"checkpoint_{release}", path)
+    copy = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, copy)  # as transformers registers it
+    spec.loader.exec_module(copy)
+    assert copy._op_name(copy._moe_mlp_impl) != modeling._op_name(
+        modeling._moe_mlp_impl
+    )
+    torch.manual_seed(0)
+    ours = _random_moe()
+    theirs = copy.ToMoESparseMLP(64, 96, 4, 16, "silu").eval()
+    theirs.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        for tokens in (1, 40, 1):
+            x = torch.randn(tokens, 64)
+            torch.testing.assert_close(theirs(x), ours(x), atol=1e-5, rtol=1e-5)
