@@ -57,6 +57,22 @@ def sort_key(model: dict):
     )
 
 
+def describe_machine(machine: dict) -> str:
+    """One line per kind of machine: runs of one report may come from several."""
+    extras = "".join(
+        f", {label}: {machine[key]}"
+        for key, label in (("cpu_avx512_bf16", "AVX512-BF16"), ("cpu_amx", "AMX"))
+        if key in machine
+    )
+    name = machine.get("cpu_model") or f"{machine.get('processor', '?')} CPU"
+    return (
+        f"{name}, capability "
+        f"{machine.get('cpu_capability', '?')}, fast bf16: "
+        f"{machine.get('cpu_fast_bf16', '?')}{extras}, torch "
+        f"{machine.get('torch', '?')}"
+    )
+
+
 def header_lines(quality, speeds, sweeps) -> list[str]:
     records = [*quality, *speeds, *sweeps]
     machine = records[0]["machine"] if records else {}
@@ -74,11 +90,8 @@ def header_lines(quality, speeds, sweeps) -> list[str]:
             "query/KV heads)"
         )
     dates = sorted(r.get("finished", "") for r in records if r.get("finished"))
-    hardware = (
-        f"{machine.get('processor', '?')} CPU, capability "
-        f"{machine.get('cpu_capability', '?')}, fast bf16: "
-        f"{machine.get('cpu_fast_bf16', '?')}, torch {machine.get('torch', '?')}"
-    )
+    machines = {describe_machine(r["machine"]) for r in records if "machine" in r}
+    hardware = "; ".join(sorted(machines)) or describe_machine(machine)
     return [
         "# Results: ToMoE vs dense vs static pruning",
         "",
@@ -138,7 +151,9 @@ def settings_lines(quality, speeds, sweeps) -> list[str]:
             f"{s['prompt_tokens']}-token prompts ({s['prompt_source']}), exactly "
             f"{s['new_tokens']} new tokens, {s['decoding']}; decode tokens/s exclude "
             f"the prompt's forward (time to first token). Prefill: one forward of "
-            f"{s['prefill_tokens']} tokens, no cache. Memory: {s['memory_probe']}."
+            f"{s['prefill_tokens']} tokens, no cache. Memory: {s['memory_probe']}. "
+            f"Machine: {describe_machine(speed.get('machine', {}))}, run "
+            f"{speed.get('finished', '?')[:10]}."
         )
         load = speed.get("load_average")
         if load:

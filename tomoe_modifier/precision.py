@@ -44,6 +44,20 @@ def machine_info() -> dict:
         "cpu_avx512_bf16": _cpu_has_avx512_bf16(),
         "cpu_amx": _cpu_has_amx(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+
+
+def _cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo``), or the platform's, so results
+    from different machines are not mistaken for one another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
