@@ -75,7 +75,6 @@ def describe_machine(machine: dict) -> str:
 
 def header_lines(quality, speeds, sweeps) -> list[str]:
     records = [*quality, *speeds, *sweeps]
-    machine = records[0]["machine"] if records else {}
     dense_path = next(
         (q["model"]["path"] for q in quality if q["model"]["method"] == "dense"),
         sweeps[-1]["dense_model"] if sweeps else None,
@@ -91,7 +90,7 @@ def header_lines(quality, speeds, sweeps) -> list[str]:
         )
     dates = sorted(r.get("finished", "") for r in records if r.get("finished"))
     machines = {describe_machine(r["machine"]) for r in records if "machine" in r}
-    hardware = "; ".join(sorted(machines)) or describe_machine(machine)
+    hardware = "; ".join(sorted(machines)) or describe_machine({})
     return [
         "# Results: ToMoE vs dense vs static pruning",
         "",

@@ -16,6 +16,7 @@ from tomoe_modifier.mappings import MLPLayout
 from tomoe_modifier.modeling_tomoe import (
     TOMOE_ARCHITECTURES,
     ToMoESparseMLP,
+    _gate_up_rows,
     prune_qk_dims,
 )
 from tomoe_modifier.router import ExpertHypernetwork, LayerMasks, LayerRouter, QKPruner
@@ -99,6 +100,11 @@ def order_union_blocks(masks: torch.Tensor) -> list[int]:
     return sorted(used, key=lambda j: gray_rank(members[j]))
 
 
+def block_channels(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The channels of ``blocks`` [N], block by block: [N * block_size]."""
+    return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()
+
+
 @torch.no_grad()
 def build_sparse_mlp(
     mlp: nn.Module,
@@ -127,7 +133,7 @@ def build_sparse_mlp(
     unused = [j for j in range(masks.shape[1]) if j not in used]
     order += unused[: max(0, padded - len(order))]
     blocks = torch.tensor(order, dtype=torch.long)
-    channels = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()
+    channels = block_channels(blocks, block_size)
     num_experts, hidden = masks.shape[0], gate.in_features
     union = channels.numel()
     moe = ToMoESparseMLP(
@@ -177,9 +183,8 @@ def store_in_union_order(moe: ToMoESparseMLP) -> None:
         if order == sorted(order):
             return
         index = torch.tensor(order)
-        block = torch.arange(moe.block_size)
-        channels = (index[:, None] * moe.block_size + block).flatten()
-        rows = torch.stack([2 * channels, 2 * channels + 1], dim=1).flatten()
+        channels = block_channels(index, moe.block_size)
+        rows = _gate_up_rows(channels)
         new = {
             (moe.gate_up_proj, "weight"): (moe.gate_up_proj.weight, rows, 0),
             (moe.down_proj, "weight"): (moe.down_proj.weight, channels, 1),

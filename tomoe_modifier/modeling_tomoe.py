@@ -350,8 +350,10 @@ def _expert_segments(mask: torch.Tensor, holes: bool):
     """Per expert and per entry g of SEGMENT_GAPS, the channel ranges covering the
     expert's channels, runs at most g channels apart merged (``holes``: merged
     ranges contain channels it does not use; without ``holes`` every entry lists the
-    exact runs). mask: bool [E, U] -> (flat (start, end, holes) triples, offsets)."""
-    flat, offsets = [], [0]
+    exact runs). mask: bool [E, U] -> (flat (start, end, holes) triples, offsets
+    [E*G+1] into them, channels covered [E*G]: the cost model's inputs, so a forward
+    decodes only the list it picks)."""
+    flat, offsets, cover = [], [0], []
     for row in mask:
         padded = torch.cat([row.new_zeros(1), row, row.new_zeros(1)]).int()
         edges = padded.diff().nonzero().flatten().tolist()
@@ -365,7 +367,9 @@ def _expert_segments(mask: torch.Tensor, holes: bool):
                     merged.append([start, end, 0])
             flat.extend(v for triple in merged for v in triple)
             offsets.append(len(flat))
-    return torch.tensor(flat, dtype=torch.long), torch.tensor(offsets)
+            cover.append(sum(end - start for start, end, _ in merged))
+    as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return as_long(flat), as_long(offsets), as_long(cover)
 
 
 def _segment_mlp(x, gate_up, gate_up_bias, down_t, segments, member, e, act_fn, scale):
@@ -389,23 +393,21 @@ def _segment_mlp(x, gate_up, gate_up_bias, down_t, segments, member, e, act_fn, 
     return x.new_zeros(x.shape) if y is None else y
 
 
-def _cheapest_segments(segments, segment_offsets, e, tokens, width):
+def _cheapest_segments(segments, segment_offsets, segment_cover, e, tokens, width):
     """The segment list of expert ``e`` that the cost model prices below gathering
     its ``width`` rows for ``tokens`` tokens, or None (gather)."""
     per_expert = len(SEGMENT_GAPS)
     if segment_offsets.numel() == 0:  # tables built while compiling
         return None
-    bounds = segment_offsets[e * per_expert : (e + 1) * per_expert + 1].tolist()
-    flat = segments[bounds[0] : bounds[-1]].tolist()
-    best, best_cost = None, width * (GATHER_ROW_COST + tokens) + 2 * SEGMENT_COST
-    for g in range(per_expert):
-        lo, hi = bounds[g] - bounds[0], bounds[g + 1] - bounds[0]
-        triples = [tuple(flat[i : i + 3]) for i in range(lo, hi, 3)]
-        cover = sum(end - start for start, end, _ in triples)
-        cost = cover * tokens + len(triples) * SEGMENT_COST
-        if cost < best_cost:
-            best, best_cost = triples, cost
-    return best
+    lo = e * per_expert
+    bounds = segment_offsets[lo : lo + per_expert + 1]
+    costs = segment_cover[lo : lo + per_expert] * tokens
+    costs = costs + bounds.diff() // 3 * SEGMENT_COST
+    g = int(costs.argmin())  # the first of equal costs
+    if int(costs[g]) >= width * (GATHER_ROW_COST + tokens) + 2 * SEGMENT_COST:
+        return None
+    chosen = segments[int(bounds[g]) : int(bounds[g + 1])].view(-1, 3)
+    return [tuple(triple) for triple in chosen.tolist()]
 
 
 def moe_mlp(
@@ -427,6 +429,7 @@ def moe_mlp(
         tables["member"],
         tables["segments"],
         tables["segment_offsets"],
+        tables["segment_cover"],
         expert_ids,
         None if token_scale is None else tables["scaled"],
         token_scale,
@@ -460,6 +463,7 @@ def _moe_mlp_impl(
     member: torch.Tensor,
     segments: torch.Tensor,
     segment_offsets: torch.Tensor,
+    segment_cover: torch.Tensor,
     expert_ids: torch.Tensor,
     scaled: torch.Tensor | None,
     token_scale: torch.Tensor | None,
@@ -472,7 +476,8 @@ def _moe_mlp_impl(
     expert e uses it; scaled [U] (uint8) marks the channels multiplied by the
     token's token_scale [T] (the shared layout's gated shared channels);
     segments holds, per expert and per entry of SEGMENT_GAPS, the (start, end, holes)
-    channel ranges covering the expert, flattened, located by segment_offsets.
+    channel ranges covering the expert, flattened, located by segment_offsets, and
+    segment_cover the channels each list covers.
     """
     act_fn = ACT2FN[hidden_act]
     silu = hidden_act == "silu"
@@ -507,7 +512,9 @@ def _moe_mlp_impl(
             width = bounds[e + 1] - bounds[e]
             plan = None
             if n > KERNEL_MAX_TOKENS or kernel is None:
-                plan = _cheapest_segments(segments, segment_offsets, e, n, width)
+                plan = _cheapest_segments(
+                    segments, segment_offsets, segment_cover, e, n, width
+                )
             if plan is not None:
                 ye = _segment_mlp(
                     xe, gate_up, gate_up_bias, down_t, plan, member, e, act_fn, se
@@ -640,7 +647,8 @@ class ToMoESparseMLP(nn.Module):
         ``channels`` (each expert's channels, concatenated), ``offsets`` [E+1],
         ``member`` [U] (bit e set when expert e uses the channel; empty if E > 63),
         ``scaled`` [U] (uint8: the gated shared channels) and each expert's
-        contiguous ranges (``segments``, ``segment_offsets``; see ``_moe_mlp_op``).
+        contiguous ranges (``segments``, ``segment_offsets``, ``segment_cover``; see
+        ``_moe_mlp_impl``).
         """
         if torch.compiler.is_compiling() and self._tables:
             # the expert sets are fixed at inference; dynamo cannot trace the
@@ -664,9 +672,12 @@ class ToMoESparseMLP(nn.Module):
                 scaled = self.shared_channels().to(torch.uint8).cpu()
             compiling = torch.compiler.is_compiling()
             if compiling:  # dynamo cannot trace the run lengths; decode needs none
-                segments = segment_offsets = torch.zeros(0, dtype=torch.long)
+                empty = torch.zeros(0, dtype=torch.long)
+                segments = segment_offsets = segment_cover = empty
             else:
-                segments, segment_offsets = _expert_segments(mask, member.numel() > 0)
+                segments, segment_offsets, segment_cover = _expert_segments(
+                    mask, member.numel() > 0
+                )
             self._tables = {
                 "channels": channels,
                 "offsets": offsets,
@@ -674,6 +685,7 @@ class ToMoESparseMLP(nn.Module):
                 "scaled": scaled,
                 "segments": segments,
                 "segment_offsets": segment_offsets,
+                "segment_cover": segment_cover,
             }
             self._tables_key = None if compiling else key  # eager rebuilds them
         return self._tables

@@ -77,7 +77,12 @@ def test_large_groups_take_views_or_gathers_and_equal_the_reference(kernel, shar
     tables = moe.expert_tables()
     segments = [
         modeling._cheapest_segments(
-            tables["segments"], tables["segment_offsets"], e, 150, int(width)
+            tables["segments"],
+            tables["segment_offsets"],
+            tables["segment_cover"],
+            e,
+            150,
+            int(width),
         )
         for e, width in enumerate(moe.expert_widths())
     ]
@@ -94,14 +99,15 @@ def test_large_groups_take_views_or_gathers_and_equal_the_reference(kernel, shar
 @pytest.mark.unit
 def test_expert_segments_list_exact_runs_and_merged_ranges():
     mask = torch.tensor([[1, 1, 0, 0, 1, 0, 1, 1]], dtype=torch.bool)
-    flat, offsets = modeling._expert_segments(mask, holes=True)
+    flat, offsets, cover = modeling._expert_segments(mask, holes=True)
     per_gap = [
         flat[offsets[g] : offsets[g + 1]].view(-1, 3).tolist()
         for g in range(len(modeling.SEGMENT_GAPS))
     ]
     assert per_gap[0] == [[0, 2, 0], [4, 5, 0], [6, 8, 0]]
     assert per_gap[-1] == [[0, 8, 1]]
-    exact, _ = modeling._expert_segments(mask, holes=False)  # no member bits
+    assert cover[0] == 5 and cover[-1] == 8  # channels each list covers
+    exact, _, _ = modeling._expert_segments(mask, holes=False)  # no member bits
     assert exact.view(-1, 3).tolist() == per_gap[0] * len(modeling.SEGMENT_GAPS)
 
 
