@@ -95,7 +95,7 @@ _KERNEL_SOURCE = r"""
 #include <cmath>
 #include <cstring>
 #include <vector>
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -156,6 +156,54 @@ inline float row_dot<c10::BFloat16>(const c10::BFloat16* w, const c10::BFloat16*
 }
 #endif
 
+// gate_c . x and up_c . x in one pass over x, two independent accumulators per
+// row so the multiply-adds pipeline instead of waiting on one chain; float32 rows
+// with AVX-512 use it, other dtypes and ISAs two row_dot calls.
+template <typename T>
+inline void gate_up_dot(const T* wg, const T* wu, const T* x_raw, const float* xf,
+                        int64_t n, float* g, float* u) {
+  *g = row_dot<T>(wg, x_raw, xf, n);
+  *u = row_dot<T>(wu, x_raw, xf, n);
+}
+#if defined(__AVX512F__)
+template <>
+inline void gate_up_dot<float>(const float* wg, const float* wu, const float* x_raw,
+                               const float* xf, int64_t n, float* g, float* u) {
+  __m512 g0 = _mm512_setzero_ps(), g1 = g0, u0 = g0, u1 = g0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 x0 = _mm512_loadu_ps(xf + i), x1 = _mm512_loadu_ps(xf + i + 16);
+    g0 = _mm512_fmadd_ps(_mm512_loadu_ps(wg + i), x0, g0);
+    g1 = _mm512_fmadd_ps(_mm512_loadu_ps(wg + i + 16), x1, g1);
+    u0 = _mm512_fmadd_ps(_mm512_loadu_ps(wu + i), x0, u0);
+    u1 = _mm512_fmadd_ps(_mm512_loadu_ps(wu + i + 16), x1, u1);
+  }
+  for (; i < n; i += 16) {
+    const int64_t left = n - i;
+    const __mmask16 k =
+        left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    const __m512 x0 = _mm512_maskz_loadu_ps(k, xf + i);
+    g0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, wg + i), x0, g0);
+    u0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, wu + i), x0, u0);
+  }
+  *g = _mm512_reduce_add_ps(_mm512_add_ps(g0, g1));
+  *u = _mm512_reduce_add_ps(_mm512_add_ps(u0, u1));
+}
+#endif
+
+// asks for channel c's three rows ahead of use: the rows of consecutive visited
+// channels are not always adjacent, so the hardware prefetcher cannot be relied on
+template <typename T>
+inline void prefetch_channel(const T* gu, const T* dt, int64_t c, int64_t D) {
+  const char* a = reinterpret_cast<const char*>(gu + 2 * c * D);
+  const char* b = reinterpret_cast<const char*>(dt + c * D);
+  const int64_t gu_bytes = 2 * D * static_cast<int64_t>(sizeof(T));
+  const int64_t d_bytes = D * static_cast<int64_t>(sizeof(T));
+  for (int64_t o = 0; o < gu_bytes; o += 64) __builtin_prefetch(a + o, 0, 3);
+  for (int64_t o = 0; o < d_bytes; o += 64) __builtin_prefetch(b + o, 0, 3);
+}
+constexpr int64_t PREFETCH_AHEAD = 2;  // channels
+
 // y[t] = sum over visited channels c with (member[c] & token_bits[t]) of
 //        silu(gate_c . x_t + bg_c) * (up_c . x_t + bu_c) * s(c, t) * down_t[c]
 // gate_up: [2U, D], rows 2c (gate) and 2c+1 (up); down_t: [U, D]; visit: [W];
@@ -176,6 +224,8 @@ void subset_mlp_impl(const T* x, const T* gu, const T* gu_bias, const T* dt,
     std::vector<char> hit(tokens, 1);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c = visit[i];
+      if (i + PREFETCH_AHEAD < end)
+        prefetch_channel<T>(gu, dt, visit[i + PREFETCH_AHEAD], D);
       bool any = true;
       if (member != nullptr) {
         any = false;
@@ -194,8 +244,10 @@ void subset_mlp_impl(const T* x, const T* gu, const T* gu_bias, const T* dt,
       for (int64_t t = 0; t < tokens; ++t) {
         if (!hit[t]) continue;
         const float* xt = xf.data() + t * D;
-        const float g = row_dot<T>(wg, x + t * D, xt, D) + bias[0];
-        const float u = row_dot<T>(wu, x + t * D, xt, D) + bias[1];
+        float g, u;
+        gate_up_dot<T>(wg, wu, x + t * D, xt, D, &g, &u);
+        g += bias[0];
+        u += bias[1];
         float ht = g / (1.f + std::exp(-g)) * u;
         if (scale_c) ht *= token_scale[t];
         float* yt = y + t * D;
@@ -339,7 +391,7 @@ def _subset_mlp(x, gate_up, gate_up_bias, down_t, channels, act_fn, silu, scale)
     kernel = cpu_kernel() if silu else None
     if kernel is not None and x.shape[0] <= KERNEL_MAX_TOKENS:
         scaled, token_scale = scale if scale is not None else (None, None)
-        visit = channels.to(torch.int32)
+        visit = channels.to(torch.int32)  # already int32 from expert_tables
         return kernel.subset_mlp(
             x, gate_up, gate_up_bias, down_t, visit, None, None, scaled, token_scale
         )
@@ -419,7 +471,10 @@ def moe_mlp(
     """The fast path: x [T, D] whose tokens picked ``expert_ids`` [T] -> [T, D];
     ``token_scale`` [T] (float32) scales the gated shared channels (shared layout)."""
     tables = moe.expert_tables()
-    y = _moe_mlp_op(
+    # the custom op keeps the data-dependent routing opaque to torch.compile; eager
+    # calls the function itself and skips the op's dispatch (tens of us per call)
+    op = _moe_mlp_op if torch.compiler.is_compiling() else _moe_mlp_impl
+    y = op(
         x.contiguous(),
         moe.gate_up_proj.weight,
         moe.gate_up_proj.bias,
@@ -438,6 +493,17 @@ def moe_mlp(
     if moe.down_proj.bias is not None:
         y = y + moe.down_proj.bias
     return y
+
+
+_ACTIVATIONS: dict = {}
+
+
+def _activation(name: str) -> nn.Module:
+    """``ACT2FN[name]``, made once: ACT2FN builds a new module per lookup, which
+    costs more per decode step than the router."""
+    if name not in _ACTIVATIONS:
+        _ACTIVATIONS[name] = ACT2FN[name]
+    return _ACTIVATIONS[name]
 
 
 def _op_name(fn) -> str:
@@ -479,7 +545,7 @@ def _moe_mlp_impl(
     channel ranges covering the expert, flattened, located by segment_offsets, and
     segment_cover the channels each list covers.
     """
-    act_fn = ACT2FN[hidden_act]
+    act_fn = _activation(hidden_act)
     silu = hidden_act == "silu"
     num_tokens = x.shape[0]
     scale = None if scaled is None else (scaled, token_scale)
@@ -555,16 +621,18 @@ def can_use_fast_path(moe: "ToMoESparseMLP", x: torch.Tensor) -> bool:
     """
     if x.device.type != "cpu" or get_calibrate_all_experts_flag():
         return False
-    if getattr(moe, "reference_only", False):  # set by training hooks
+    if moe.reference_only:  # set by training hooks
         return False
     if torch.jit.is_tracing() or (torch.is_grad_enabled() and x.requires_grad):
         return False
     if x.dtype not in (torch.float32, torch.bfloat16):
         return False
+    # (compressed-tensors sets quantization_scheme as a plain attribute: looking in
+    # the instance dict spares nn.Module.__getattr__'s failed lookups, ~4 us each)
     linears = (moe.gate_up_proj, moe.down_proj)
     return all(
         type(m) is nn.Linear
-        and not hasattr(m, "quantization_scheme")
+        and "quantization_scheme" not in vars(m)
         and m.weight.dtype == x.dtype
         for m in linears
     )
@@ -594,6 +662,8 @@ class ToMoESparseMLP(nn.Module):
     mask) plus one dispatch line to ``moe_mlp``, the CPU fast path that reads only
     the routed experts' channels and computes the same.
     """
+
+    reference_only = False  # training hooks set it on instances (masked reference)
 
     def __init__(
         self,
@@ -662,7 +732,8 @@ class ToMoESparseMLP(nn.Module):
             widths = mask.sum(dim=1)
             offsets = torch.zeros(self.num_experts + 1, dtype=torch.long)
             offsets[1:] = widths.cumsum(0)
-            channels = mask.nonzero()[:, 1].contiguous()  # row-major: by expert
+            # row-major: by expert; int32, the kernel's index type (no copy per call)
+            channels = mask.nonzero()[:, 1].to(torch.int32).contiguous()
             member = torch.zeros(0, dtype=torch.long)
             if self.num_experts <= 63:
                 bits = 2 ** torch.arange(self.num_experts, dtype=torch.long)  # [E]

@@ -53,9 +53,10 @@ def _random_moe(
 @pytest.mark.parametrize("tokens", [1, 3, 16, 37])
 @pytest.mark.parametrize("block", [1, 16])
 @pytest.mark.parametrize("shared", [False, True])
-def test_fast_path_equals_masked_reference(kernel, bias, tokens, block, shared):
-    moe = _random_moe(bias=bias, block=block, shared=shared)
-    x = torch.randn(tokens, 64)
+@pytest.mark.parametrize("hidden", [64, 72])  # 72: the kernel's vector tail
+def test_fast_path_equals_masked_reference(kernel, bias, tokens, block, shared, hidden):
+    moe = _random_moe(bias=bias, block=block, shared=shared, hidden=hidden)
+    x = torch.randn(tokens, hidden)
     assert can_use_fast_path(moe, x)
     with torch.no_grad():
         fast = moe(x)
@@ -309,9 +310,10 @@ def test_a_checkpoint_copy_of_the_file_keeps_its_own_op(tmp_path, monkeypatch, r
 
     source = open(modeling.__file__).read()
     if release == "another":
+        assert "    act_fn = _activation(hidden_act)\n    silu =" in source
         source = source.replace(
-            "    act_fn = ACT2FN[hidden_act]\n    silu =",
-            "    act_fn = ACT2FN[hidden_act]  # another release\n    silu =",
+            "    act_fn = _activation(hidden_act)\n    silu =",
+            "    act_fn = _activation(hidden_act)  # another release\n    silu =",
         )
     path = tmp_path / "modeling_tomoe.py"
     path.write_text(source)
@@ -327,6 +329,12 @@ def test_a_checkpoint_copy_of_the_file_keeps_its_own_op(tmp_path, monkeypatch, r
     theirs = copy.ToMoESparseMLP(64, 96, 4, 16, "silu").eval()
     theirs.load_state_dict(ours.state_dict())
     with torch.no_grad():
+        for tokens in (1, 40, 1):
+            x = torch.randn(tokens, 64)
+            torch.testing.assert_close(theirs(x), ours(x), atol=1e-5, rtol=1e-5)
+        # eager calls the implementation directly; under torch.compile each copy
+        # calls its op (the tables and the column-major weight exist by now)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         for tokens in (1, 40, 1):
             x = torch.randn(tokens, 64)
             torch.testing.assert_close(theirs(x), ours(x), atol=1e-5, rtol=1e-5)
