@@ -12,6 +12,7 @@ import torch
 from loguru import logger
 from torch import nn
 
+from tomoe_modifier.distributed import barrier
 from tomoe_modifier.mappings import MLPLayout
 from tomoe_modifier.modeling_tomoe import (
     TOMOE_ARCHITECTURES,
@@ -198,6 +199,9 @@ def store_in_union_order(moe: ToMoESparseMLP) -> None:
             key: value.index_select(dim, i.to(value.device))
             for key, (value, i, dim) in new.items()
         }
+    # under torchrun the ranks may share these tensors: every rank has read them
+    # before any writes (each writes the same values), else some are permuted twice
+    barrier()
     for (module, name), value in new.items():
         update_offload_parameter(module, name, value)
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 __all__ = [
     "average_gradients",
+    "barrier",
     "broadcast_parameters",
     "gather_across_ranks",
     "is_distributed",
@@ -49,6 +50,15 @@ def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def barrier() -> None:
+    """Wait for every rank (no-op outside torchrun). Before a rewrite of weights that
+    the ranks may share (llm-compressor's distributed CPU offload maps one copy into
+    every rank): all ranks read the old values first, then all write the same new
+    ones, so none permutes what another already permuted."""
+    if is_distributed():
+        dist.barrier()
+
+
 def average_gradients(params: list[torch.Tensor]) -> None:
     """Average the gradients of ``params`` over ranks, in place, in one reduction
     (a missing gradient counts as zero, so every rank reduces the same buffer)."""
