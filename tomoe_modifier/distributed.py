@@ -49,7 +49,6 @@ def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return total
 
 
-@torch.no_grad()
 def barrier() -> None:
     """Wait for every rank (no-op outside torchrun). Before a rewrite of weights that
     the ranks may share (llm-compressor's distributed CPU offload maps one copy into
@@ -59,6 +58,7 @@ def barrier() -> None:
         dist.barrier()
 
 
+@torch.no_grad()
 def average_gradients(params: list[torch.Tensor]) -> None:
     """Average the gradients of ``params`` over ranks, in place, in one reduction
     (a missing gradient counts as zero, so every rank reduces the same buffer)."""

@@ -14,6 +14,7 @@ Dimension legend: T tokens, D hidden, U union width, E experts, B block size.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -495,15 +496,11 @@ def moe_mlp(
     return y
 
 
-_ACTIVATIONS: dict = {}
-
-
+@functools.cache
 def _activation(name: str) -> nn.Module:
     """``ACT2FN[name]``, made once: ACT2FN builds a new module per lookup, which
     costs more per decode step than the router."""
-    if name not in _ACTIVATIONS:
-        _ACTIVATIONS[name] = ACT2FN[name]
-    return _ACTIVATIONS[name]
+    return ACT2FN[name]
 
 
 def _op_name(fn) -> str:
