@@ -180,6 +180,8 @@ m = AutoModelForCausalLM.from_pretrained(
     {str(folder)!r}, trust_remote_code={trust_remote_code!r}
 )
 assert "tomoe_modifier" not in sys.modules, "plugin must not be imported"
+# serving a checkpoint must not load llm-compressor (about 50 MiB resident)
+assert "llmcompressor" not in sys.modules, "llm-compressor must not be imported"
 with torch.no_grad():
     logits = m(torch.load({str(workdir / "fresh_x.pt")!r})).logits
 torch.save(logits, {str(workdir / "fresh_logits.pt")!r})

@@ -15,6 +15,7 @@ Dimension legend: T tokens, D hidden, U union width, E experts, B block size.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -40,12 +41,20 @@ from transformers.models.llama.modeling_llama import (
 from transformers.models.mistral.modeling_mistral import MistralAttention
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 
-try:  # llm-compressor is optional at inference time
-    from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
-except ImportError:  # pragma: no cover - exercised only without llm-compressor
+_CALIBRATION_CONTEXT = "llmcompressor.modeling.moe.context"
 
-    def get_calibrate_all_experts_flag() -> bool:
+
+def get_calibrate_all_experts_flag() -> bool:
+    """llm-compressor's MoE calibration flag (every expert sees every token).
+
+    Read from llm-compressor only where it is already loaded: setting the flag
+    imports its module, and importing llm-compressor here would add about 50 MiB
+    of resident memory to every process that merely serves a checkpoint.
+    """
+    if torch.compiler.is_compiling():  # inference only; dynamo skips sys.modules
         return False
+    context = sys.modules.get(_CALIBRATION_CONTEXT)
+    return context is not None and context.get_calibrate_all_experts_flag()
 
 
 __all__ = [
@@ -308,6 +317,54 @@ torch::Tensor subset_mlp(torch::Tensor x, torch::Tensor gate_up,
   }
   return out.to(x.scalar_type());
 }
+
+// The routing of a few tokens, in C++: token t uses expert expert_ids[t]'s channels
+// channels[offsets[e]:offsets[e+1]]; one token visits exactly those, several tokens
+// one pass over the union with member bits. Registered as an operator (namespace
+// per kernel source) so a compiled decode step calls it without entering Python.
+torch::Tensor routed_mlp(torch::Tensor x, torch::Tensor gate_up,
+                         c10::optional<torch::Tensor> gate_up_bias,
+                         torch::Tensor down_t, torch::Tensor channels,
+                         torch::Tensor offsets, torch::Tensor member,
+                         torch::Tensor expert_ids, c10::optional<torch::Tensor> scaled,
+                         c10::optional<torch::Tensor> token_scale) {
+  TORCH_CHECK(channels.scalar_type() == torch::kInt32 && channels.is_contiguous(),
+              "channels must be contiguous int32");
+  TORCH_CHECK(offsets.scalar_type() == torch::kInt64 &&
+                  expert_ids.scalar_type() == torch::kInt64,
+              "offsets and expert_ids must be int64");
+  const int64_t tokens = x.size(0);
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* ids = expert_ids.data_ptr<int64_t>();
+  if (tokens == 1) {
+    const int64_t e = ids[0];
+    TORCH_CHECK(e >= 0 && e + 1 < offsets.numel(), "expert id out of range");
+    auto visit = channels.narrow(0, off[e], off[e + 1] - off[e]);
+    return subset_mlp(x, gate_up, gate_up_bias, down_t, visit, c10::nullopt,
+                      c10::nullopt, scaled, token_scale);
+  }
+  TORCH_CHECK(member.numel() == down_t.size(0), "several tokens need member bits");
+  auto visit = torch::arange(member.numel(), channels.options());
+  auto bits = torch::ones_like(expert_ids).bitwise_left_shift(expert_ids);
+  return subset_mlp(x, gate_up, gate_up_bias, down_t, visit, member, bits, scaled,
+                    token_scale);
+}
+
+TORCH_LIBRARY(TOMOE_NAMESPACE, m) {
+  m.def("routed_mlp(Tensor x, Tensor gate_up, Tensor? gate_up_bias, Tensor down_t, "
+        "Tensor channels, Tensor offsets, Tensor member, Tensor expert_ids, "
+        "Tensor? scaled, Tensor? token_scale) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(TOMOE_NAMESPACE, CPU, m) { m.impl("routed_mlp", &routed_mlp); }
+// shapes for torch.compile's fake tensors: the output is x's shape and dtype
+torch::Tensor routed_mlp_meta(torch::Tensor x, torch::Tensor,
+                              c10::optional<torch::Tensor>, torch::Tensor,
+                              torch::Tensor, torch::Tensor, torch::Tensor,
+                              torch::Tensor, c10::optional<torch::Tensor>,
+                              c10::optional<torch::Tensor>) {
+  return torch::empty_like(x);
+}
+TORCH_LIBRARY_IMPL(TOMOE_NAMESPACE, Meta, m) { m.impl("routed_mlp", &routed_mlp_meta); }
 """
 
 _kernel_state: dict = {}
@@ -332,6 +389,7 @@ def cpu_kernel():
     module = None
     if mode != "torch":
         digest = hashlib.sha1(_KERNEL_SOURCE.encode()).hexdigest()[:10]
+        namespace = f"tomoe_kernel_{digest}"
         arch = torch.backends.cpu.get_cpu_capability().lower()
         if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
             arch += "_bf16"  # -march=native then emits AVX512-BF16 dot products
@@ -343,8 +401,13 @@ def cpu_kernel():
             module = load_inline(
                 name=f"tomoe_subset_mlp_{arch}_{digest}",
                 cpp_sources=_KERNEL_SOURCE,
-                functions=["subset_mlp"],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                functions=["subset_mlp", "routed_mlp"],
+                extra_cflags=[
+                    "-O3",
+                    "-march=native",
+                    "-fopenmp",
+                    f"-DTOMOE_NAMESPACE={namespace}",
+                ],
                 extra_ldflags=["-fopenmp"],
             )
         except Exception as error:  # no compiler, no headers, ...
@@ -359,6 +422,8 @@ def cpu_kernel():
                 str(error).splitlines()[0] if str(error) else type(error).__name__,
             )
     _kernel_state["module"] = module
+    if module is not None:  # the operator the C++ source registered on loading
+        _kernel_state["routed_op"] = getattr(torch.ops, namespace).routed_mlp
     return module
 
 
@@ -370,16 +435,17 @@ def _gate_up_rows(channels: torch.Tensor) -> torch.Tensor:
 def _gathered_mlp(x, gate_up, gate_up_bias, down_t, channels, act_fn, scale):
     """Pure-torch subset MLP: copy the channels' rows, then GEMMs. x: [T, D];
     ``scale`` is None or (scaled [U] flags, token_scale [T]), as in the kernel.
-    Rows are gathered with ``embedding``: on CPU it copies whole rows, several
-    times faster than ``index_select`` in float32 (2-core AMD EPYC, torch 2.13)."""
-    gate_rows, up_rows = 2 * channels, 2 * channels + 1
-    gate = F.embedding(gate_rows, gate_up)  # [W, D]
-    up = F.embedding(up_rows, gate_up)
-    gate_bias = up_bias = None
+    A channel's gate and up rows are adjacent in the interleaved gate_up_proj, so
+    one row copy of [U, 2D] takes both and one GEMM multiplies them. Rows are
+    gathered with ``embedding``: on CPU it copies whole rows, several times faster
+    than ``index_select`` in float32 (2-core AMD EPYC, torch 2.13)."""
+    width, dim = channels.numel(), gate_up.shape[1]
+    pairs = F.embedding(channels, gate_up.view(-1, 2 * dim)).view(2 * width, dim)
+    bias = None
     if gate_up_bias is not None:
-        gate_bias = gate_up_bias.index_select(0, gate_rows)
-        up_bias = gate_up_bias.index_select(0, up_rows)
-    h = act_fn(F.linear(x, gate, gate_bias)) * F.linear(x, up, up_bias)  # [T, W]
+        bias = F.embedding(channels, gate_up_bias.view(-1, 2)).flatten()
+    gu = F.linear(x, pairs, bias).view(-1, width, 2)  # [T, W, (gate, up)]
+    h = act_fn(gu[..., 0]) * gu[..., 1]  # [T, W]
     if scale is not None:
         scaled, token_scale = scale
         shared = scaled.index_select(0, channels).bool()[None, :]  # [1, W]
@@ -472,9 +538,40 @@ def moe_mlp(
     """The fast path: x [T, D] whose tokens picked ``expert_ids`` [T] -> [T, D];
     ``token_scale`` [T] (float32) scales the gated shared channels (shared layout)."""
     tables = moe.expert_tables()
+    compiling = torch.compiler.is_compiling()
+    # decode: the routing and the kernel in one C++ call; eager through pybind,
+    # compiled through the operator the kernel registered (no Python per step; the
+    # kernel is built on the eager prefill: building it cannot be traced)
+    routed = None
+    if moe.hidden_act == "silu" and not compiling:
+        kernel = cpu_kernel()
+        routed = None if kernel is None else kernel.routed_mlp
+    elif moe.hidden_act == "silu":
+        routed = _kernel_state.get("routed_op")
+    tokens = x.shape[0]
+    if (
+        routed is not None
+        and tokens <= KERNEL_MAX_TOKENS
+        and (tokens == 1 or tables["member"].numel())
+    ):
+        y = routed(
+            x.contiguous(),
+            moe.gate_up_proj.weight,
+            moe.gate_up_proj.bias,
+            moe.down_weight_t(),
+            tables["channels"],
+            tables["offsets"],
+            tables["member"],
+            expert_ids,
+            None if token_scale is None else tables["scaled"],
+            token_scale,
+        )
+        if moe.down_proj.bias is not None:
+            y = y + moe.down_proj.bias
+        return y
     # the custom op keeps the data-dependent routing opaque to torch.compile; eager
     # calls the function itself and skips the op's dispatch (tens of us per call)
-    op = _moe_mlp_op if torch.compiler.is_compiling() else _moe_mlp_impl
+    op = _moe_mlp_op if compiling else _moe_mlp_impl
     y = op(
         x.contiguous(),
         moe.gate_up_proj.weight,

@@ -172,6 +172,29 @@ def test_compiled_decode_after_eager_prefill():
 
 
 @pytest.mark.unit
+def test_compiled_decode_calls_the_kernels_operator_not_python():
+    """With the C++ kernel built, a compiled decode step runs the routing through
+    the operator the kernel registered (its Meta kernel gives the fake shapes)."""
+    if modeling.cpu_kernel() is None:
+        pytest.skip("the C++ kernel cannot be built here")
+    torch.manual_seed(0)
+    moe = _random_moe(bias=True)
+    targets = []
+
+    def recording_backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    with torch.no_grad():
+        moe(torch.randn(5, 64))  # eager prefill
+        compiled = torch.compile(moe, backend=recording_backend, fullgraph=True)
+        x = torch.randn(1, 64)
+        torch.testing.assert_close(compiled(x), masked_reference(moe, x))
+    assert any("routed_mlp" in t for t in targets), targets
+    assert not any("moe_mlp" in t for t in targets), targets
+
+
+@pytest.mark.unit
 def test_down_weight_is_stored_column_major_once_in_its_own_storage():
     moe = _random_moe()
     before = moe.down_proj.weight.detach().clone()
