@@ -526,8 +526,10 @@ class ToMoEModifier(Modifier):
         history = {"train_seconds": 0.0, "tokens": 0, "history": []}
         if self.train_mode == "layerwise_then_global":
             history = self._global_phase(state.model, run, state.data.calib)
-        for moe in run.moes.values():  # each expert's channels in few runs
-            store_in_union_order(moe)
+        union_sizes = state.model.config.moe_union_sizes
+        for index, moe in run.moes.items():  # few runs per expert, no unused channel
+            store_in_union_order(moe, self.width_multiple)
+            union_sizes[index] = moe.union_size
         plan = run.plan
         widths = [(run.moes[i].expert_widths()).tolist() for i in plan.indices]
         self._report = {

@@ -27,6 +27,7 @@ __all__ = [
     "final_qk_dims",
     "prune_attention",
     "order_union_blocks",
+    "union_storage_order",
     "build_sparse_mlp",
     "store_in_union_order",
     "convert_model",
@@ -106,6 +107,23 @@ def block_channels(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
     return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()
 
 
+def union_storage_order(
+    masks: torch.Tensor, block_size: int, width_multiple: int = 1
+) -> list[int]:
+    """
+    The blocks a converted MLP stores, in order: the used ones in
+    ``order_union_blocks``' order, then as few unused ones as pad the union to a
+    multiple of ``width_multiple`` channels (the quantization group size), so
+    down_proj's input features split into whole groups. masks: bool [E, N].
+    """
+    order = order_union_blocks(masks)
+    blocks_per_multiple = max(1, width_multiple // block_size)
+    padded = -(-len(order) // blocks_per_multiple) * blocks_per_multiple
+    used = set(order)
+    unused = [j for j in range(masks.shape[1]) if j not in used]
+    return order + unused[: max(0, padded - len(order))]
+
+
 @torch.no_grad()
 def build_sparse_mlp(
     mlp: nn.Module,
@@ -120,20 +138,14 @@ def build_sparse_mlp(
     """
     Slice a dense gated MLP to the union of its experts. masks: bool [E, N].
 
-    The union is padded with blocks no expert uses up to a multiple of
-    ``width_multiple`` channels (the quantization group size), so down_proj's
-    input features split into whole groups; the padding is never computed.
+    The union is stored in ``union_storage_order``; its padding is never computed.
     """
     gate = getattr(mlp, layout.gate_proj)
     up = getattr(mlp, layout.up_proj)
     down = getattr(mlp, layout.down_proj)
-    order = order_union_blocks(masks)
-    blocks_per_multiple = max(1, width_multiple // block_size)
-    padded = -(-len(order) // blocks_per_multiple) * blocks_per_multiple
-    used = set(order)
-    unused = [j for j in range(masks.shape[1]) if j not in used]
-    order += unused[: max(0, padded - len(order))]
-    blocks = torch.tensor(order, dtype=torch.long)
+    blocks = torch.tensor(
+        union_storage_order(masks, block_size, width_multiple), dtype=torch.long
+    )
     channels = block_channels(blocks, block_size)
     num_experts, hidden = masks.shape[0], gate.in_features
     union = channels.numel()
@@ -164,24 +176,24 @@ def build_sparse_mlp(
 
 
 @torch.no_grad()
-def store_in_union_order(moe: ToMoESparseMLP) -> None:
+def store_in_union_order(moe: ToMoESparseMLP, width_multiple: int = 1) -> None:
     """
     Rewrite an already converted MLP's channel blocks into ``order_union_blocks``'
-    storage order (unused blocks last), in place and offload-aware. The layer-wise
-    modes convert the structure before training, in the dense channel order, where
-    every expert is spread over hundreds of runs; in this order the CPU fast path
-    multiplies most experts' channels as a few views of the weights instead of
-    gathering their rows. The MLP computes the same (a channel permutation).
+    storage order and drop the blocks no expert uses (but the padding to
+    ``width_multiple`` channels of ``union_storage_order``), in place and
+    offload-aware.
+    The layer-wise modes convert the structure before training, in the dense channel
+    order and with every channel, where every expert is spread over hundreds of runs;
+    in this order the CPU fast path multiplies most experts' channels as a few views
+    of the weights instead of gathering their rows, and the checkpoint (and memory)
+    no longer carries channels that no token can reach. The MLP computes the same.
     """
-    from compressed_tensors.offload import update_offload_parameter
     from compressed_tensors.utils import align_module_device
 
     with align_module_device(moe):
         blocks = moe.expert_blocks.detach().cpu()
-        order = order_union_blocks(blocks)
-        used = set(order)
-        order += [j for j in range(blocks.shape[1]) if j not in used]
-        if order == sorted(order):
+        order = union_storage_order(blocks, moe.block_size, width_multiple)
+        if order == list(range(blocks.shape[1])):
             return
         index = torch.tensor(order)
         channels = block_channels(index, moe.block_size)
@@ -203,7 +215,31 @@ def store_in_union_order(moe: ToMoESparseMLP) -> None:
     # before any writes (each writes the same values), else some are permuted twice
     barrier()
     for (module, name), value in new.items():
+        _replace_tensor(module, name, value)
+    union = len(order) * moe.block_size
+    moe.union_size = union
+    moe.gate_up_proj.out_features = 2 * union
+    moe.down_proj.in_features = union
+
+
+def _replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """``update_offload_parameter`` for a tensor that may change shape: an offload
+    cache offloads a value of a new size as a new tensor; a plain module takes a new
+    parameter or buffer."""
+    from compressed_tensors.offload import update_offload_parameter
+    from compressed_tensors.offload.cache import OffloadCache
+
+    current = getattr(module, name)
+    if current.shape == value.shape:
         update_offload_parameter(module, name, value)
+        return
+    if name in module._parameters:
+        value = nn.Parameter(value, requires_grad=False)
+    if isinstance(module._parameters, OffloadCache):
+        cache = module._parameters if name in module._parameters else module._buffers
+        cache[name] = value
+    else:
+        setattr(module, name, value)
 
 
 def match_offloading(new: nn.Module, old: nn.Module) -> None:

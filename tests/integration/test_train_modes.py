@@ -28,10 +28,10 @@ def _masks_in_dense_order(mlp, moe):
     """A converted MLP's expert masks [E, I] in the dense MLP's channel order: the
     layer-wise modes store the channels permuted, and each stored gate row is found
     among the dense ones."""
-    rows = moe.gate_up_proj.weight[0::2]  # [U, D], U == I here
+    rows = moe.gate_up_proj.weight[0::2]  # [U, D], U <= I (unused ones dropped)
     match = (rows[:, None, :] == mlp.gate_proj.weight[None]).all(dim=-1)  # [U, I]
     assert match.sum(dim=1).eq(1).all(), "stored channels are not the dense ones"
-    masks = torch.zeros_like(moe.expert_blocks)
+    masks = moe.expert_blocks.new_zeros(moe.num_experts, match.shape[1])
     masks[:, match.int().argmax(dim=1)] = moe.expert_blocks
     return masks.float()
 
@@ -67,6 +67,10 @@ def test_layerwise_conversion_equals_its_own_gates(tmp_path, tiny_llama_dir):
     for m in moes:  # stored in the union order, as a global-mode conversion stores
         used = order_union_blocks(m.expert_blocks)
         assert used == list(range(len(used)))
+        padding = m.expert_blocks.shape[1] - len(used)  # to the quantization group
+        assert 0 <= padding * m.block_size < max(modifier.width_multiple, 1)
+    assert model.config.moe_union_sizes == [m.union_size for m in moes]
+    assert all(m.gate_up_proj.weight.shape[0] == 2 * m.union_size for m in moes)
     report = modifier.report
     assert [r["layer"] for r in report["layerwise"]] == [0, 1]
     assert abs(report["active_ratio_uniform_routing"] - 0.6) < 0.05

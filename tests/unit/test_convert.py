@@ -102,7 +102,8 @@ def test_store_in_union_order_computes_the_same_in_fewer_runs(block, bias):
     for p in moe.parameters():
         torch.nn.init.normal_(p, 0, 0.2)
     moe.expert_blocks.copy_(torch.rand(4, 256 // block) > 0.5)
-    moe.expert_blocks[:, -1] = False  # a block no expert uses goes last
+    moe.expert_blocks[:, 5:8] = False  # blocks no expert uses are not stored
+    union = int(moe.expert_blocks.any(dim=0).sum()) * block
     x = torch.randn(64, 32)
     with torch.no_grad():
         before = moe(x)
@@ -113,10 +114,28 @@ def test_store_in_union_order_computes_the_same_in_fewer_runs(block, bias):
     blocks = moe.expert_blocks.int()
     runs = torch.diff(blocks, dim=1, prepend=torch.zeros(4, 1, dtype=torch.int)) == 1
     assert runs.sum(dim=1).max() <= 8  # Gray code: at most 2^(E-1) runs, not ~N/4
-    assert not blocks[:, -1].any()
+    assert blocks.any(dim=0).all()
+    assert moe.union_size == union and moe.down_proj.weight.shape == (32, union)
+    assert moe.gate_up_proj.weight.shape == (2 * union, 32)
+    assert moe.down_proj.in_features == union
     weight = moe.gate_up_proj.weight.clone()
     store_in_union_order(moe)  # already in order: unchanged
     assert torch.equal(moe.gate_up_proj.weight, weight)
+
+
+@pytest.mark.unit
+def test_store_in_union_order_keeps_the_padding_to_whole_quantization_groups():
+    """Dropped blocks leave the union a multiple of ``width_multiple`` channels, as
+    a global-mode conversion stores it (GPTQ's groups must split it)."""
+    torch.manual_seed(0)
+    moe = ToMoESparseMLP(32, 256, 4, 4).eval()
+    moe.expert_blocks.copy_(torch.rand(4, 64) > 0.5)
+    moe.expert_blocks[:, :10] = False  # 54 used blocks: 216 channels
+    store_in_union_order(moe, width_multiple=64)
+    assert moe.union_size == 256 and moe.expert_blocks.shape == (4, 64)
+    moe.expert_blocks[:, 48:] = False  # now under 192 channels are used
+    store_in_union_order(moe, width_multiple=64)
+    assert moe.union_size == 192 and moe.expert_blocks.any(dim=0).sum() <= 48
 
 
 @pytest.mark.unit
