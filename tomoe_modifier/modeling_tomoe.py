@@ -651,11 +651,19 @@ def _moe_mlp_impl(
             x, gate_up, gate_up_bias, down_t, channels[start:end], act_fn, silu, scale
         )
     if kernel is not None and num_tokens <= KERNEL_MAX_TOKENS and member.numel():
-        # one pass over the union: each row is read once for all tokens using it
-        visit = torch.arange(member.numel(), dtype=torch.int32)
-        bits = torch.ones_like(expert_ids).bitwise_left_shift(expert_ids)
-        return kernel.subset_mlp(
-            x, gate_up, gate_up_bias, down_t, visit, member, bits, scaled, token_scale
+        # one pass over the union, each row read once for all tokens using it (what
+        # moe_mlp calls directly once the kernel is built before tracing)
+        return kernel.routed_mlp(
+            x,
+            gate_up,
+            gate_up_bias,
+            down_t,
+            channels,
+            offsets,
+            member,
+            expert_ids,
+            scaled,
+            token_scale,
         )
     # tokens sorted by expert once: each group is a contiguous slice
     order = torch.argsort(expert_ids, stable=True)
