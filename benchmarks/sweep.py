@@ -17,7 +17,7 @@ For each target active ratio p (attention+MLP parameters per token over dense):
   a stock Qwen2-MoE checkpoint.
 - The static Wanda-sp baseline (``tomoe_modifier.baselines``): the same calibration
   set (its first ``--baseline-samples`` chunks; ToMoE samples from all of it), a
-  uniform MLP width for p rounded to the recipe's ``width_multiple`` ->
+  uniform MLP width for p rounded to the recipe's ``width_multiple`` (64 if unset) ->
   ``OUT/models/static-pNN``, a plain ``LlamaForCausalLM``. Channel scores do not
   depend on p: computed once, cached.
 - The static FLAP baseline (``--methods flap``): fluctuation scores on the same
@@ -159,7 +159,7 @@ def run_static(args, ratio, model_dir, tokenizer, scores: StaticScores, out: Pat
 
     from tomoe_modifier.baselines import prune_with_scores
 
-    multiple = recipe_fields(args.recipe).get("width_multiple", 64)
+    multiple = recipe_fields(args.recipe).get("width_multiple") or 64
     scored = scores.get()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -30,6 +30,7 @@ from tomoe_modifier.export import check_stock_export, export_qwen2_moe
 from tomoe_modifier.mappings import MLPLayout, get_layout
 from tomoe_modifier.modeling_tomoe import QK_PRUNED_ATTENTION
 from tomoe_modifier.precision import choose_compute_dtype
+from tomoe_modifier.quant_groups import following_group_size
 from tomoe_modifier.router import QKPruner, build_routers
 from tomoe_modifier.sequential import SequentialRun, calibrate_all_experts_disabled
 from tomoe_modifier.train import GatedMLPs, TrainSettings, frozen, train_routers
@@ -81,7 +82,6 @@ class ToMoEModifier(Modifier):
         ToMoEModifier:
           target_active_ratio: 0.5
           num_experts: 8
-          width_multiple: 64
           iters: 300
           lr: 0.01
     ```
@@ -117,8 +117,13 @@ class ToMoEModifier(Modifier):
         the dense count, in (0, 1]; attention stays dense, so it must exceed the
         attention share
     :param width_multiple: each converted MLP's stored width (the union of its
-        experts) is padded to a multiple of this with channels no expert uses; set
-        it to the quantization group size so down_proj's input groups are whole
+        experts) is padded to a multiple of this with channels no expert uses, so
+        that group quantization finds down_proj's input groups whole; in the
+        "shared" layout it is also the granularity of the shared and routed widths.
+        Unset: the weight group size of the quantization modifiers later in the
+        same recipe (``quant_groups.py``), else 1 ("paper": no padding, the
+        smallest folder) or 64 ("shared"). Set it to the group size when a
+        separate, later oneshot call quantizes the checkpoint
     :param mask_block_size: channels per mask entry. 1 (the paper's per-channel
         masks) is the default and by far the most accurate: neighbouring channel
         indices are unrelated, so coarse blocks drop useful channels wholesale
@@ -191,7 +196,7 @@ class ToMoEModifier(Modifier):
     ignore: list[str] = Field(default_factory=list)
     num_experts: int = 8
     target_active_ratio: float = 0.5
-    width_multiple: int = 64
+    width_multiple: int | None = None  # see _resolve_width_multiple
     mask_block_size: int = 1
     epochs: int = 1
     iters: int | None = None
@@ -275,6 +280,16 @@ class ToMoEModifier(Modifier):
             self.noise_anneal = 1.0 if after_fit else 0.25
         return self
 
+    def _resolve_width_multiple(self) -> None:
+        # resolved when the session's recipe, with the modifiers after this one,
+        # exists; written back so the saved recipe shows the value used
+        if self.width_multiple is None:
+            group = following_group_size(self)
+            fallback = 64 if self.expert_layout == "shared" else 1
+            self.width_multiple = group or fallback
+            why = "its group quantization" if group else "no group quantization"
+            logger.info(f"ToMoE width_multiple {self.width_multiple}: {why} follows")
+
     @model_validator(mode="before")
     @classmethod
     def _renamed_fields(cls, values):
@@ -303,6 +318,7 @@ class ToMoEModifier(Modifier):
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
+        self._resolve_width_multiple()
         plan = self._plan(model, state.data.calib)  # fail fast, before training
         logger.info(
             f"ToMoE initialized: {plan.arch}, {len(plan.mlps)} MLPs -> "

@@ -41,7 +41,8 @@ def test_shipped_tomoe_recipe_converts_without_quantizing(tmp_path):
     assert not any(hasattr(m, "quantization_scheme") for m in model.modules())
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
-    assert all(u % 64 == 0 for u in config["moe_union_sizes"])
+    assert config["moe_union_sizes"] == [m.union_size for m in moes]
+    assert all(m.expert_blocks.any(0).all() for m in moes)  # no padding stored
 
 
 @pytest.mark.integration
@@ -54,6 +55,10 @@ def test_every_expert_linear_is_quantized_and_routers_are_not(tmp_path, recipe):
         assert hasattr(moe.gate_up_proj, "quantization_scheme")
         assert hasattr(moe.down_proj, "quantization_scheme")
         assert not hasattr(moe.router, "quantization_scheme")
+        if "w4a16" in recipe:  # padded to GPTQ's group size, read off the recipe
+            assert moe.union_size % 64 == 0
+        else:  # per-channel int8: nothing to pad
+            assert moe.expert_blocks.any(0).all()
 
     config = json.loads((out / "config.json").read_text())
     qconfig = config["quantization_config"]
