@@ -436,17 +436,16 @@ def _gathered_mlp(x, gate_up, gate_up_bias, down_t, channels, act_fn, scale):
     """Pure-torch subset MLP: copy the channels' rows, then GEMMs. x: [T, D];
     ``scale`` is None or (scaled [U] flags, token_scale [T]), as in the kernel.
     A channel's gate and up rows are adjacent in the interleaved gate_up_proj, so
-    one row copy of [U, 2D] takes both; one batched GEMM over the (gate, up) pair
-    then writes gate and up as two contiguous [T, U] blocks, so the activation runs
-    on dense memory instead of every other element. Rows are gathered
-    with ``embedding``: on CPU it copies whole rows, several times faster than
-    ``index_select`` in float32 (2-core AMD EPYC, torch 2.13)."""
+    one row copy of [U, 2D] takes both and one GEMM multiplies them. Rows are
+    gathered with ``embedding``: on CPU it copies whole rows, several times faster
+    than ``index_select`` in float32 (2-core AMD EPYC, torch 2.13)."""
     width, dim = channels.numel(), gate_up.shape[1]
-    pairs = F.embedding(channels, gate_up.view(-1, 2 * dim)).view(width, 2, dim)
-    gu = torch.matmul(x, pairs.permute(1, 2, 0))  # [(gate, up), T, W]
+    pairs = F.embedding(channels, gate_up.view(-1, 2 * dim)).view(2 * width, dim)
+    bias = None
     if gate_up_bias is not None:
-        gu = gu + F.embedding(channels, gate_up_bias.view(-1, 2)).t()[:, None, :]
-    h = act_fn(gu[0]) * gu[1]  # [T, W]
+        bias = F.embedding(channels, gate_up_bias.view(-1, 2)).flatten()
+    gu = F.linear(x, pairs, bias).view(-1, width, 2)  # [T, W, (gate, up)]
+    h = act_fn(gu[..., 0]) * gu[..., 1]  # [T, W]
     if scale is not None:
         scaled, token_scale = scale
         shared = scaled.index_select(0, channels).bool()[None, :]  # [1, W]
