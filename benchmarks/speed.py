@@ -13,7 +13,10 @@ alike; the median per metric is reported with its ratio to dense. Per model and 
   (128) new tokens (min_new_tokens = max_new_tokens, KV cache). ``decode_b1_tps``
   excludes the prompt's forward (time to first token, measured separately);
   ``decode_b1_e2e_tps`` is new tokens over the whole ``generate`` call.
-- prefill: one forward of ``--prefill-tokens`` (512) tokens, ``use_cache=False``.
+- prefill: one forward of ``--prefill-tokens`` (512) tokens, ``use_cache=False``,
+  with logits for every position (``prefill_tps``) and, as ``generate``'s prefill
+  computes them, for the last one only (``prefill_last_tps``: the lm_head over 512
+  positions is a fixed cost that neither method shrinks).
 - batch-N greedy decode (``decode_bn_*``): as batch 1 with ``--batch`` (8) prompts
   of the same length, so no padding.
 
@@ -54,6 +57,7 @@ METRICS = (
     "decode_b1_e2e_tps",
     "ttft_b1_s",
     "prefill_tps",
+    "prefill_last_tps",
     "decode_bn_tps",
     "decode_bn_e2e_tps",
 )
@@ -266,6 +270,10 @@ def measure(model, prompts: dict, new_tokens: int, compiled: bool = False) -> di
         ids = prompts["prefill"]
         seconds = _timed(lambda: model(input_ids=ids, use_cache=False))
         out["prefill_tps"] = ids.shape[1] / seconds
+        seconds = _timed(
+            lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        )
+        out["prefill_last_tps"] = ids.shape[1] / seconds
     return out
 
 
@@ -356,7 +364,9 @@ def main(argv=None) -> None:
         entry["rounds"] = []
 
     metrics = (
-        METRICS if not compiled else tuple(m for m in METRICS if m != "prefill_tps")
+        METRICS
+        if not compiled
+        else tuple(m for m in METRICS if not m.startswith("prefill"))
     )
     for r in range(args.rounds):
         order = entries[r % len(entries) :] + entries[: r % len(entries)]

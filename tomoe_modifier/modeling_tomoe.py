@@ -98,6 +98,12 @@ KERNEL_ENV = "TOMOE_CPU_KERNEL"  # "auto" (default), "cpp" (must build) or "torc
 GATHER_ROW_COST = 24
 SEGMENT_COST = 1000
 SEGMENT_GAPS = (0, 8, 32, 128, 1 << 30)  # merge runs at most this many channels apart
+# Below float32, CPU GEMMs go to oneDNN, which compiles one kernel per GEMM shape and
+# keeps 1024 of them: a prefill's expert groups (every layer, expert, token count)
+# outgrow the cache and recompile on every call (SmolLM2 p = 0.5 bf16 prefill ran at
+# 0.24x dense). There the gathered path rounds tokens and channels up to multiples of
+# this (zero rows, channels repeated and zeroed), so shapes repeat across calls.
+SHAPE_BUCKET = 64
 
 _KERNEL_SOURCE = r"""
 #include <torch/extension.h>
@@ -439,6 +445,12 @@ def _gathered_mlp(x, gate_up, gate_up_bias, down_t, channels, act_fn, scale):
     one row copy of [U, 2D] takes both and one GEMM multiplies them. Rows are
     gathered with ``embedding``: on CPU it copies whole rows, several times faster
     than ``index_select`` in float32 (2-core AMD EPYC, torch 2.13)."""
+    tokens, used = x.shape[0], channels.numel()
+    pad_tokens = pad_channels = 0
+    if x.dtype != torch.float32:  # oneDNN: few distinct shapes (SHAPE_BUCKET)
+        pad_tokens, pad_channels = -tokens % SHAPE_BUCKET, -used % SHAPE_BUCKET
+        x = F.pad(x, (0, 0, 0, pad_tokens))
+        channels = torch.cat([channels, channels[:1].expand(pad_channels)])
     width, dim = channels.numel(), gate_up.shape[1]
     pairs = F.embedding(channels, gate_up.view(-1, 2 * dim)).view(2 * width, dim)
     bias = None
@@ -448,9 +460,13 @@ def _gathered_mlp(x, gate_up, gate_up_bias, down_t, channels, act_fn, scale):
     h = act_fn(gu[..., 0]) * gu[..., 1]  # [T, W]
     if scale is not None:
         scaled, token_scale = scale
+        token_scale = F.pad(token_scale, (0, pad_tokens))
         shared = scaled.index_select(0, channels).bool()[None, :]  # [1, W]
         h = (h * torch.where(shared, token_scale[:, None], 1.0)).to(h.dtype)
-    return h @ F.embedding(channels, down_t)  # [T, D]
+    if pad_channels:
+        h[:, used:] = 0  # the repeated channels add nothing
+    y = h @ F.embedding(channels, down_t)  # [T, D]
+    return y[:tokens] if pad_tokens else y
 
 
 def _subset_mlp(x, gate_up, gate_up_bias, down_t, channels, act_fn, silu, scale):
@@ -679,7 +695,8 @@ def _moe_mlp_impl(
             se = None if scale is None else (scaled, ts[start : start + n])
             width = bounds[e + 1] - bounds[e]
             plan = None
-            if n > KERNEL_MAX_TOKENS or kernel is None:
+            if (n > KERNEL_MAX_TOKENS or kernel is None) and x.dtype == torch.float32:
+                # (views of the union have any shape: oneDNN would compile each)
                 plan = _cheapest_segments(
                     segments, segment_offsets, segment_cover, e, n, width
                 )

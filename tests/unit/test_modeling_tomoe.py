@@ -113,10 +113,15 @@ def test_expert_segments_list_exact_runs_and_merged_ranges():
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("tokens", [1, 5, 40])
-def test_bfloat16_fast_path_matches_reference(kernel, tokens):
-    moe = _random_moe().to(torch.bfloat16)
+@pytest.mark.parametrize("tokens", [1, 5, 40, 150])
+@pytest.mark.parametrize("shared", [False, True])
+def test_bfloat16_fast_path_matches_reference(kernel, tokens, shared):
+    """Groups above the kernel's token limit take the gathered path, whose shapes
+    are rounded up (SHAPE_BUCKET) below float32: padding must add nothing."""
+    moe = _random_moe(bias=True, shared=shared).to(torch.bfloat16)
     moe.router.float()  # the router stays in float32, as from_pretrained keeps it
+    if moe.shared_gate is not None:
+        moe.shared_gate.float()
     x = torch.randn(tokens, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         fast = moe(x)
