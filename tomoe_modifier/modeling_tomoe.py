@@ -105,6 +105,13 @@ SEGMENT_GAPS = (0, 8, 32, 128, 1 << 30)  # merge runs at most this many channels
 # this (zero rows, channels repeated and zeroed), so shapes repeat across calls.
 SHAPE_BUCKET = 64
 
+
+def _gemms_compile_per_shape(x: torch.Tensor) -> bool:
+    """Whether CPU GEMMs on ``x`` go to oneDNN, which compiles per shape (below
+    float32; see SHAPE_BUCKET)."""
+    return x.dtype != torch.float32
+
+
 _KERNEL_SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -447,7 +454,7 @@ def _gathered_mlp(x, gate_up, gate_up_bias, down_t, channels, act_fn, scale):
     than ``index_select`` in float32 (2-core AMD EPYC, torch 2.13)."""
     tokens, used = x.shape[0], channels.numel()
     pad_tokens = pad_channels = 0
-    if x.dtype != torch.float32:  # oneDNN: few distinct shapes (SHAPE_BUCKET)
+    if _gemms_compile_per_shape(x):  # few distinct shapes (SHAPE_BUCKET)
         pad_tokens, pad_channels = -tokens % SHAPE_BUCKET, -used % SHAPE_BUCKET
         x = F.pad(x, (0, 0, 0, pad_tokens))
         channels = torch.cat([channels, channels[:1].expand(pad_channels)])
@@ -695,8 +702,8 @@ def _moe_mlp_impl(
             se = None if scale is None else (scaled, ts[start : start + n])
             width = bounds[e + 1] - bounds[e]
             plan = None
-            if (n > KERNEL_MAX_TOKENS or kernel is None) and x.dtype == torch.float32:
-                # (views of the union have any shape: oneDNN would compile each)
+            views_ok = not _gemms_compile_per_shape(x)  # views have any shape
+            if (n > KERNEL_MAX_TOKENS or kernel is None) and views_ok:
                 plan = _cheapest_segments(
                     segments, segment_offsets, segment_cover, e, n, width
                 )
@@ -1151,8 +1158,7 @@ class _ToMoEModel:
     says; the routers stay fp32 whatever dtype the model loads in (``_strict``:
     transformers keeps the plain list in fp32 only for float16)."""
 
-    _keep_in_fp32_modules = ["router", "shared_gate"]
-    _keep_in_fp32_modules_strict = ["router", "shared_gate"]
+    _keep_in_fp32_modules = _keep_in_fp32_modules_strict = ["router", "shared_gate"]
 
     def __init__(self, config):
         super().__init__(config)
